@@ -1,0 +1,207 @@
+"""Fake quantizers: integer grids simulated in float, with gradients for fine-tuning.
+
+* ``WeightQuantizer``: symmetric signed, per output channel (axis 0) or block-wise along the input dimension.
+* ``ActQuantizer``: per tensor, symmetric signed (zero point 0, what TensorRT requires) or asymmetric, with a
+  learned step size (LSQ) initialized by an observer.
+
+Rounding uses a straight-through estimator; clamping passes no gradient to the clipped values (LSQ).
+A quantizer's exported state is exactly ``scale``, ``zero_point``, ``bits``, ``axis`` and ``block_size``:
+the ONNX exporter reads nothing else, so the torch model and the QDQ graph compute the same grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from calib.observers import make_observer
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def check_bits(bits: int, what: str) -> int:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} bit width must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric signed weight quantizer.
+
+    ``granularity="channel"``: one scale per output channel (dim 0), shape [out].
+    ``granularity="block"``: one scale per ``block_size`` consecutive input elements of each output channel,
+    shape [out, ceil(in / block_size)] (the input dims of a conv weight are flattened first). The scale is a
+    learnable parameter (LSQ) initialized from the weight by min-max or an MSE search over clipping ratios.
+    """
+
+    def __init__(self, bits: int, granularity: str = "channel", block_size: int = 128, observer: str = "minmax"):
+        super().__init__()
+        self.bits = check_bits(bits, "weight")
+        if granularity not in ("channel", "block"):
+            raise ValueError(f"weight granularity must be 'channel' or 'block', got {granularity!r}")
+        if granularity == "block" and (block_size < 2 or block_size & (block_size - 1)):
+            raise ValueError(f"block size must be a power of two >= 2 (e.g. 32, 64, 128), got {block_size}")
+        if observer not in ("minmax", "mse"):
+            raise ValueError(f"weight observer must be 'minmax' or 'mse', got {observer!r}")
+        self.granularity = granularity
+        self.block_size = block_size if granularity == "block" else 0
+        self.observer = observer
+        self.enabled = True
+        self.qmin, self.qmax = signed_range(bits)
+        self.scale = nn.Parameter(torch.empty(0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def axis(self) -> int:
+        return 0
+
+    def _blocked(self, w: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """View the weight as [out, groups, group] (per channel: one group of all inputs), zero-padded."""
+        w2 = w.reshape(w.shape[0], -1)
+        if self.granularity == "channel":
+            return w2.unsqueeze(1), 0
+        pad = (-w2.shape[1]) % self.block_size
+        if pad:
+            w2 = torch.nn.functional.pad(w2, (0, pad))
+        return w2.reshape(w2.shape[0], -1, self.block_size), pad
+
+    def _scale_view(self) -> torch.Tensor:
+        return self.scale.reshape(self.scale.shape[0], -1, 1)
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        wb, _ = self._blocked(w.detach().float())
+        amax = wb.abs().amax(dim=-1).clamp_min(1e-8)  # [out, groups]
+        scale = amax / self.qmax
+        if self.observer == "mse":
+            best_err = torch.full_like(amax, float("inf"))
+            best = scale.clone()
+            zero = torch.zeros(())
+            for ratio in torch.linspace(0.5, 1.0, 51).tolist():
+                s = (amax * ratio / self.qmax).unsqueeze(-1)
+                err = ((fake_quant(wb, s, zero, self.qmin, self.qmax) - wb) ** 2).sum(-1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, s.squeeze(-1), best)
+            scale = best
+        if self.granularity == "channel":
+            scale = scale.squeeze(1)
+        self.scale = nn.Parameter(scale.to(w.device))
+        self.initialized.fill_(True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        if not bool(self.initialized):
+            self.init_from(w)
+        wb, pad = self._blocked(w)
+        g = 1.0 / math.sqrt(wb[0].numel() * self.qmax)
+        s = scale_grad(self._scale_view(), g)
+        wq = fake_quant(wb, s, torch.zeros((), device=w.device), self.qmin, self.qmax)
+        wq = wq.reshape(w.shape[0], -1)
+        if pad:
+            wq = wq[:, :-pad]
+        return wq.reshape(w.shape)
+
+    @torch.no_grad()
+    def quantize_int(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``w`` on this quantizer's grid (int8 tensor, same shape as ``w``)."""
+        wb, pad = self._blocked(w.float())
+        q = torch.clamp(torch.round(wb / self._scale_view()), self.qmin, self.qmax).reshape(w.shape[0], -1)
+        if pad:
+            q = q[:, :-pad]
+        return q.reshape(w.shape).to(torch.int8)
+
+    def extra_repr(self) -> str:
+        g = f"block={self.block_size}" if self.granularity == "block" else "per-channel"
+        return f"bits={self.bits}, {g}, enabled={self.enabled}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a learned step size (LSQ).
+
+    Symmetric: signed grid [-2^(b-1), 2^(b-1)-1], zero point 0. Asymmetric: unsigned grid [0, 2^b-1] with a
+    zero point. Until calibrated, ``calibrating=True`` lets values through unchanged while the observer
+    collects them; ``finish_calibration()`` sets the scale and zero point from the observed range.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = True, observer: str = "minmax"):
+        super().__init__()
+        self.bits = check_bits(bits, "activation")
+        self.symmetric = symmetric
+        self.observer_name = observer
+        self.observer = make_observer(observer)
+        if symmetric:
+            self.qmin, self.qmax = signed_range(bits)
+        else:
+            self.qmin, self.qmax = 0, (1 << bits) - 1
+        self.enabled = True
+        self.calibrating = False
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    axis = None
+    block_size = 0
+
+    def _params_for_range(self, lo: float, hi: float) -> tuple[float, float]:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if self.symmetric:
+            amax = max(-lo, hi, 1e-8)
+            return amax / self.qmax, 0.0
+        scale = max(hi - lo, 1e-8) / (self.qmax - self.qmin)
+        zp = float(min(max(round(self.qmin - lo / scale), self.qmin), self.qmax))
+        return scale, zp
+
+    def _range_error(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        scale, zp = self._params_for_range(lo, hi)
+        xq = fake_quant(x, torch.tensor(scale), torch.tensor(zp), self.qmin, self.qmax)
+        return ((xq - x) ** 2).mean()
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Set scale and zero point from the observer's range; a quantizer that saw no data raises."""
+        lo, hi = self.observer.compute(self._range_error)
+        scale, zp = self._params_for_range(lo, hi)
+        self.scale.data.fill_(scale)
+        self.zero_point.fill_(zp)
+        self.initialized.fill_(True)
+        self.calibrating = False
+        self.observer.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating:
+            self.observer.collect(x)
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError("activation quantizer used before calibration; run calibrate_observers first")
+        g = 1.0 / math.sqrt(x[0].numel() * max(self.qmax, 1))
+        s = scale_grad(self.scale, g).clamp_min(1e-8)
+        return fake_quant(x, s.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, {kind}, observer={self.observer_name}, enabled={self.enabled}"

@@ -1,0 +1,137 @@
+"""Quantization recipes: plain, frozen data that the quantizer attachment reads.
+
+A recipe names the weight bits and granularity, the activation bits and symmetry, the observers, and which
+modules stay in float (fnmatch patterns on module names). Custom recipes come from a TOML file:
+
+    [recipe]
+    name = "w6a6"
+    w_bits = 6
+    a_bits = 6
+    a_symmetric = false
+    keep_fp = ["patch_embed.proj", "head"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from calib.errors import RecipeError
+from calib.quantizers import MAX_BITS, MIN_BITS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPE_VERSION = 1
+# The first (patch embedding) and last (classifier) layers stay float in the sub-8-bit research recipes, as in
+# the PSAQ-ViT and MaskAQ papers' setting; int8 recipes quantize everything.
+FIRST_LAST = ("patch_embed.proj", "head", "head.fc", "head_dist")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    w_bits: int
+    a_bits: int | None  # None: activations stay float (weight-only)
+    w_granularity: str = "channel"  # "channel" | "block"
+    w_block_size: int = 128
+    w_observer: str = "minmax"  # "minmax" | "mse"
+    a_symmetric: bool = True
+    a_observer: str = "percentile"  # "minmax" | "percentile" | "mse"
+    quantize_attention: bool = True  # quantize the inputs of q @ k^T and attn @ v
+    keep_fp: tuple[str, ...] = ()
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        if not isinstance(self.w_bits, int) or not MIN_BITS <= self.w_bits <= MAX_BITS:
+            raise RecipeError(f"recipe {self.name!r}: weight bit width {self.w_bits} is out of range; "
+                              f"use {MIN_BITS} to {MAX_BITS}")
+        if self.a_bits is not None and (not isinstance(self.a_bits, int)
+                                        or not MIN_BITS <= self.a_bits <= MAX_BITS):
+            raise RecipeError(f"recipe {self.name!r}: activation bit width {self.a_bits} is out of range; "
+                              f"use {MIN_BITS} to {MAX_BITS}, or omit a_bits for float activations")
+        if self.w_granularity not in ("channel", "block"):
+            raise RecipeError(f"recipe {self.name!r}: w_granularity must be 'channel' or 'block'")
+        if self.w_granularity == "block" and self.w_block_size not in (16, 32, 64, 128, 256):
+            raise RecipeError(f"recipe {self.name!r}: w_block_size {self.w_block_size} unsupported; "
+                              "use 32, 64 or 128")
+        if self.w_observer not in ("minmax", "mse"):
+            raise RecipeError(f"recipe {self.name!r}: w_observer must be 'minmax' or 'mse'")
+        if self.a_observer not in ("minmax", "percentile", "mse"):
+            raise RecipeError(f"recipe {self.name!r}: a_observer must be 'minmax', 'percentile' or 'mse'")
+
+    @property
+    def weight_only(self) -> bool:
+        return self.a_bits is None
+
+    def with_keep_fp(self, patterns) -> "Recipe":
+        extra = tuple(p for p in patterns if p not in self.keep_fp)
+        return dataclasses.replace(self, keep_fp=self.keep_fp + extra)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep_fp"] = list(self.keep_fp)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RecipeError(f"recipe has unknown field(s) {unknown}; known fields are {sorted(known)}")
+        if "name" not in d or "w_bits" not in d:
+            raise RecipeError("a recipe needs at least 'name' and 'w_bits'")
+        d = dict(d)
+        d.setdefault("a_bits", None)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise RecipeError(f"recipe {d.get('name')!r}: {e}") from None
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("w8a8", w_bits=8, a_bits=8),
+        Recipe("w4a16", w_bits=4, a_bits=None, w_granularity="block", w_block_size=128, w_observer="mse"),
+        Recipe("w4a8", w_bits=4, a_bits=8, w_observer="mse"),
+        Recipe("w5a5", w_bits=5, a_bits=5, w_observer="mse", a_symmetric=False, a_observer="mse",
+               keep_fp=FIRST_LAST),
+        Recipe("w4a4", w_bits=4, a_bits=4, w_observer="mse", a_symmetric=False, a_observer="mse",
+               keep_fp=FIRST_LAST),
+        Recipe("w3a3", w_bits=3, a_bits=3, w_observer="mse", a_symmetric=False, a_observer="mse",
+               keep_fp=FIRST_LAST),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """A built-in recipe by name, or a custom one from a ``.toml`` path."""
+    if name.endswith(".toml"):
+        return load_recipe_toml(name)
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise RecipeError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} "
+                          "or give a .toml file with a [recipe] table") from None
+
+
+def load_recipe_toml(path: str) -> Recipe:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+    table = data.get("recipe", data)
+    base = table.pop("base", None) if isinstance(table, dict) else None
+    if base is not None:
+        merged = get_recipe(base).to_dict()
+        merged.update(table)
+        table = merged
+    return Recipe.from_dict(table)

@@ -1,0 +1,3 @@
+from maskaq_deploy.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""Run configuration: frozen dataclasses with defaults, loadable from TOML, overridable from CLI options.
+
+A TOML file may hold the tables [model] (ModelConfig fields) and [calibrate] (CalibrateConfig fields):
+
+    [model]
+    name = "deit_tiny_patch16_224"
+    checkpoint = "deit_tiny.safetensors"
+
+    [calibrate]
+    recipe = "w4a8"
+    keep_fp = ["blocks.11.*"]
+
+CLI options given explicitly override the file; the fully resolved config goes into the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from maskaq_deploy.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_VERSION = 1
+METHODS = ("real",)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    method: str = "real"
+    recipe: str = "w8a8"  # built-in name or a .toml recipe file
+    keep_fp: tuple[str, ...] = ()  # fnmatch patterns on module names kept in float
+    calib_data: str | None = None  # real images (method real); default for the embedded model: embedded:calib
+    num_images: int = 512  # real images used for calibration
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.num_images < 1 or self.batch_size < 1:
+            raise UsageError("--num-images and --batch-size must be positive")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise UsageError(f"--device {self.device!r}: use cpu or cuda[:N]")
+
+    @property
+    def needs_real_data(self) -> bool:
+        return self.method == "real"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["keep_fp"] = list(self.keep_fp)
+        return d
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def build(cls, file_values: dict | None, overrides: dict):
+    """``cls`` from file values, then explicit CLI overrides (None means 'not given')."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(file_values or {})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"unknown {cls.__name__} field(s) {unknown} in the config file; known: {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in list(values.items()):
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise UsageError(f"bad {cls.__name__} values: {e}") from None

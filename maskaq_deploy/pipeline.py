@@ -1,0 +1,242 @@
+"""The stages behind the CLI: calibrate -> (export) -> verify, each usable on its own from Python.
+
+    from maskaq_deploy.pipeline import calibrate, verify
+    from maskaq_deploy.config import CalibrateConfig
+    from maskaq_deploy.models import ModelConfig
+    manifest = calibrate(ModelConfig(), CalibrateConfig(method="real", recipe="w8a8"), "runs/w8a8")
+    report = verify("runs/w8a8", "embedded:test")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from maskaq_deploy.config import CalibrateConfig
+from maskaq_deploy.data import ImageSet, load_image_set
+from maskaq_deploy.errors import DataError, MaskAQError, OutputExistsError, UsageError
+from maskaq_deploy.models import EMBEDDED, LoadedModel, ModelConfig, load_model
+
+log = logging.getLogger(__name__)
+REPORT_FILE = "report.json"
+
+
+def library_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import timm
+
+    from maskaq_deploy import __version__
+
+    return {"maskaq_deploy": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty output directory unless ``force``; create it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"output directory {out} is not empty; choose another --out or pass --force")
+        for child in out.iterdir():  # --force: start clean so no stale artifact survives
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def default_data(model_cfg: ModelConfig, part: str, given: str | None, what: str) -> str:
+    if given:
+        return given
+    if model_cfg.name == EMBEDDED:
+        return f"embedded:{part}"
+    raise DataError(f"{what} is required for model {model_cfg.name} (only the embedded model ships data)")
+
+
+def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
+    import copy
+
+    from calib import attach_quantizers, get_recipe
+
+    recipe = get_recipe(cfg.recipe)
+    qmodel = copy.deepcopy(loaded.model)
+    info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
+    return qmodel, recipe, info
+
+
+def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool = False,
+              progress=None, resume: bool = False) -> dict:
+    """Quantize ``model_cfg``'s model by ``cfg`` and write the quantized checkpoint into ``out``."""
+    from calib import save_quantized_checkpoint
+
+    out = Path(out)
+    if not resume:
+        prepare_out_dir(out, force)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    seconds = {}
+    t0 = time.perf_counter()
+    loaded = load_model(model_cfg)
+    qmodel, recipe, info = _quantize(loaded, cfg)
+    real = None
+    if cfg.method == "real" or cfg.needs_real_data:
+        spec = default_data(model_cfg, "calib", cfg.calib_data, "--calib-data")
+        real = load_image_set(spec, loaded.data_config, "--calib-data").subset(cfg.num_images, cfg.seed)
+        if len(real) == 0:
+            raise DataError(f"--calib-data {spec} holds no images")
+    seconds["load"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
+                          progress=progress)
+    seconds["calibrate"] = round(time.perf_counter() - t0, 3)
+    manifest = {
+        "model": loaded.manifest_entry(),
+        # the checkpoint path is stored resolved so verify can reload the FP model from any directory
+        "model_config": {**dataclasses.asdict(model_cfg),
+                         "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
+        "recipe": recipe.to_dict(),
+        "keep_fp": list(cfg.keep_fp),
+        "quantized_modules": len(info.quantized),
+        "kept_fp_modules": info.kept_fp,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "inputs": {"weights_sha256": loaded.weights_sha256,
+                   "calib_data": None if real is None else {"source": real.source, "images": len(real),
+                                                            "fingerprint": real.fingerprint()}},
+        "versions": library_versions(),
+        "seconds": seconds,
+        "calibration": summary,
+    }
+    save_quantized_checkpoint(out, qmodel, manifest)
+    return manifest
+
+
+def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
+                *, resume: bool, progress) -> dict:
+    """Calibrate (and, when the method fine-tunes, train) ``qmodel`` in place; return a summary."""
+    from calib import calibrate_observers
+    from calib.calibrate import batches_forward_loop
+
+    if cfg.method == "real":
+        calibrate_observers(qmodel, batches_forward_loop(
+            [x for x, _ in real.batches(cfg.batch_size)], cfg.device))
+        return {"images": len(real)}
+    raise UsageError(f"calibration method {cfg.method!r} is not available; use --method real")
+
+
+@torch.no_grad()
+def _logits(model, images: ImageSet, batch_size: int, device: str = "cpu"):
+    outs, labels = [], []
+    for x, y in images.batches(batch_size):
+        outs.append(model(x.to(device)).float().cpu())
+        if y is not None:
+            labels.append(y)
+    return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(100.0 * (logits.argmax(1) == labels).float().mean().item(), 4)
+
+
+def reload_fp_model(manifest: dict) -> LoadedModel:
+    """The full-precision model a quantized checkpoint was made from (for the accuracy comparison)."""
+    cfg_dict = dict(manifest.get("model_config") or {})
+    for key in ("mean", "std", "input_size"):
+        if cfg_dict.get(key) is not None:
+            cfg_dict[key] = tuple(cfg_dict[key])
+    try:
+        return load_model(ModelConfig(**cfg_dict))
+    except MaskAQError as e:
+        raise UsageError(f"cannot reload the full-precision model of this checkpoint: {e}") from None
+
+
+def evaluate_fp(manifest: dict, images: ImageSet, batch_size: int = 256):
+    fp = reload_fp_model(manifest)
+    return _logits(fp.model, images, batch_size)
+
+
+def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limit: int | None = None,
+           batch_size: int = 256, artifact=None) -> dict:
+    """Evaluate the quantized checkpoint (torch fake-quant, or an exported artifact on another runtime)
+    against the full-precision model on ``val_data``; write and return RUN/report.json."""
+    from calib import load_quantized_checkpoint
+    from calib.checkpoint import atomic_write_json
+
+    from maskaq_deploy.report import merge_report
+
+    run_dir = Path(run_dir)
+    seconds = {}
+    t0 = time.perf_counter()
+    qmodel, manifest = load_quantized_checkpoint(run_dir)
+    model_cfg = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                               for k, v in (manifest.get("model_config") or {}).items()})
+    spec = default_data(model_cfg, "test", val_data, "--val-data")
+    images = load_image_set(spec, manifest["model"]["data_config"], "--val-data").subset(limit)
+    if images.labels is None or len(images) == 0:
+        raise DataError(f"--val-data {spec} holds no labelled images")
+    seconds["verify_load"] = round(time.perf_counter() - t0, 3)
+
+    t0 = time.perf_counter()
+    fp_logits, labels = evaluate_fp(manifest, images, batch_size)
+    seconds["eval_fp"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    torch_logits, _ = _logits(qmodel, images, batch_size)
+    seconds["eval_torch"] = round(time.perf_counter() - t0, 3)
+
+    results = {"torch": _runtime_result(torch_logits, labels, fp_logits)}
+    if runtime != "torch":
+        from maskaq_deploy.runtime_eval import run_artifact
+
+        t0 = time.perf_counter()
+        art_logits, art_info = run_artifact(runtime, run_dir, artifact, images, batch_size, manifest)
+        seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
+        res = _runtime_result(art_logits, labels, fp_logits)
+        res.update(_vs_torch(art_logits, torch_logits))
+        res.update(art_info)
+        results[runtime] = res
+
+    main = results[runtime]
+    report = {
+        "model": manifest["model"]["name"],
+        "timm_name": manifest["model"]["timm_name"],
+        "recipe": manifest["recipe"]["name"],
+        "method": manifest["method"],
+        "runtime": runtime,
+        "val_data": spec,
+        "fp_top1": top1(fp_logits, labels),
+        "quant_top1": main["top1"],
+        "top1_drop": round(top1(fp_logits, labels) - main["top1"], 4),
+        "agreement": main["agreement_vs_fp"],
+        "num_eval_images": len(images),
+        "seconds": {**manifest.get("seconds", {}), **seconds},
+        "runtimes": results,
+    }
+    for key in ("agreement_vs_torch", "sqnr_db_vs_torch", "max_abs_diff_vs_torch"):
+        if key in main:
+            report[key] = main[key]
+    report = merge_report(run_dir / REPORT_FILE, report)
+    atomic_write_json(run_dir / REPORT_FILE, report)
+    return report
+
+
+def _runtime_result(logits: torch.Tensor, labels: torch.Tensor, fp_logits: torch.Tensor) -> dict:
+    return {"top1": top1(logits, labels),
+            "agreement_vs_fp": round((logits.argmax(1) == fp_logits.argmax(1)).float().mean().item(), 6)}
+
+
+def _vs_torch(logits: torch.Tensor, torch_logits: torch.Tensor) -> dict:
+    err = (logits - torch_logits).double()
+    ref = torch_logits.double()
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / err.pow(2).sum().clamp_min(1e-30))
+    return {"agreement_vs_torch": round((logits.argmax(1) == torch_logits.argmax(1)).float().mean().item(), 6),
+            "sqnr_db_vs_torch": round(float(sqnr), 3),
+            "max_abs_diff_vs_torch": round(float(err.abs().max()), 6)}

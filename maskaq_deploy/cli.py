@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_USAGE
+from maskaq_deploy.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
 
 log = logging.getLogger("maskaq_deploy")
 
@@ -62,7 +62,7 @@ def _floats(value: str | None, what: str):
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{what} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+        raise UsageError(f"{what} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
 def _ints(value: str | None, what: str):
@@ -71,7 +71,7 @@ def _ints(value: str | None, what: str):
     try:
         out = tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{what} takes C,H,W, e.g. 3,224,224") from None
+        raise UsageError(f"{what} takes C,H,W, e.g. 3,224,224") from None
     return out
 
 
@@ -123,7 +123,7 @@ def resolve_configs(kw: dict):
     try:
         model_kwargs = json.loads(kw["model_kwargs"]) if kw.get("model_kwargs") else None
     except json.JSONDecodeError as e:
-        raise click.BadParameter(f"--model-kwargs is not valid JSON: {e}") from None
+        raise UsageError(f"--model-kwargs is not valid JSON: {e}") from None
     model_cfg = build(ModelConfig, file.get("model"), {
         "name": kw.get("model"), "kwargs": model_kwargs, "checkpoint": kw.get("checkpoint"),
         "pretrained": kw.get("pretrained"), "mean": _floats(kw.get("mean"), "--mean"),

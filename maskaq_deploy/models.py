@@ -123,10 +123,10 @@ def read_state_dict(path: Path) -> dict:
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
     own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
+    for key, expected in own.items():  # the model's own order: the first mismatch is the earliest layer
+        if key in state and state[key].shape != expected.shape:
             raise ModelError(f"checkpoint {source} does not fit the model: {key} has shape "
-                             f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}; check "
+                             f"{tuple(state[key].shape)}, the model expects {tuple(expected.shape)}; check "
                              "--model and --model-kwargs")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

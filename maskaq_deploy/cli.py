@@ -48,7 +48,7 @@ class App(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             abort("interrupted; completed checkpoints are kept (rerun with --resume where supported)", 130)
-        except Exception as e:  # noqa: BLE001 - mapped below, re-raised when unknown
+        except Exception as e:
             for cls, code in _typed_errors():
                 if isinstance(e, cls):
                     abort(str(e).splitlines()[0] if str(e) else type(e).__name__,
@@ -138,7 +138,10 @@ def resolve_configs(kw: dict):
 
 def _setup_logging(quiet: bool = False, verbose: bool = False):
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # our packages log at INFO; third-party libraries (the ONNX exporter is chatty) only at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("maskaq_deploy", "calib", "export", "runtimes"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _print_report(report: dict) -> None:
@@ -186,15 +189,19 @@ def calibrate(out, force, quiet, **kw):
 @cli.command()
 @click.argument("run", type=click.Path(exists=False, file_okay=False))
 @click.option("--val-data", default=None, help="Validation images: .npz or ImageFolder (default: embedded test set).")
-@click.option("--runtime", default="torch", help="torch (fake-quant reference).")
+@click.option("--runtime", default="torch", type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+              help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
+@click.option("--artifact", default=None, type=click.Path(dir_okay=False),
+              help="The .onnx or .engine to run instead of the one in RUN.")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
 @click.option("--batch-size", type=int, default=256)
-def verify(run, val_data, runtime, limit, batch_size):
-    """Evaluate a quantized checkpoint RUN against its full-precision model; write RUN/report.json."""
+def verify(run, val_data, runtime, artifact, limit, batch_size):
+    """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
+    write RUN/report.json."""
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
-    report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size)
+    report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
     _print_report(report)
 
 
@@ -202,19 +209,124 @@ def verify(run, val_data, runtime, limit, batch_size):
 @model_options
 @calib_options
 @click.option("--out", default="maskaq-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--target", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
-def build(out, force, quiet, val_data, limit, **kw):
-    """Calibrate, then verify: the whole chain on one model (default: the embedded MNIST ViT, w8a8)."""
-    from maskaq_deploy.pipeline import calibrate as run_calibrate
-    from maskaq_deploy.pipeline import verify as run_verify
+@click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
+@click.option("--bundle-only", is_flag=True,
+              help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
+def build(out, force, quiet, target, val_data, limit, dynamic_batch, bundle_only, **kw):
+    """Calibrate -> export -> verify (-> TensorRT bundle and engine): the whole chain on one model.
+
+    Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
+    from maskaq_deploy.pipeline import build as run_build
 
     _setup_logging(quiet)
     model_cfg, calib_cfg = resolve_configs(kw)
-    run_calibrate(model_cfg, calib_cfg, out, force=force)
-    report = run_verify(out, val_data, limit=limit)
-    _print_report(report)
-    click.echo(f"artifacts in {out}: model.safetensors, quant.safetensors, manifest.json, report.json")
+    result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
+                       dynamic_batch=dynamic_batch, bundle_only=bundle_only)
+    _print_report(result.report)
+    click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
+    if result.engine_missing_reason:
+        from maskaq_deploy.errors import EXIT_NO_ENGINE
+
+        click.echo(f"engine not built: {result.engine_missing_reason}", err=True)
+        sys.exit(EXIT_NO_ENGINE)
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--for", "flavour", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "tensorrt"]), help="Which runtime the QDQ graph is shaped for.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Fixed batch size of the graph.")
+@click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 21 for INT4 weights).")
+def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
+    """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
+    from maskaq_deploy.deploy import conformance, export_run
+
+    _setup_logging()
+    res = export_run(run, flavour=flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch,
+                     opset=opset)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
+        "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
+    click.echo(f"wrote {res.qdq_path} ({flavour}, opset {res.opset}; {counts})")
+    if flavour == "tensorrt":
+        bad = conformance(res.qdq_path)
+        click.echo(f"TensorRT conformance: {len(bad)} violation(s)")
+        for v in bad:
+            click.echo(f"  {v}")
+        if bad:
+            sys.exit(EXIT_FAILURE)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+def inspect_cmd(model):
+    """Print TensorRT conformance violations, quantized ops by type and bit width, and the size of MODEL.onnx."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from export.inspect import inspect_onnx
+
+    rep = inspect_onnx(model)
+    console = Console()
+    console.print(f"{rep.path}: opset {rep.opset}, IR {rep.ir_version}, {rep.num_nodes} nodes, "
+                  f"{rep.file_bytes / 1e6:.2f} MB on disk ({rep.quantized_initializer_bytes / 1e6:.2f} MB quantized "
+                  f"weights, {rep.float_initializer_bytes / 1e6:.2f} MB float)")
+    if not rep.has_qdq:
+        console.print("no Q/DQ nodes: a float graph (export a quantized checkpoint with 'maskaq-deploy export')")
+    table = Table(title="quantized ops")
+    table.add_column("op")
+    table.add_column("bit widths")
+    table.add_column("count", justify="right")
+    for op, labels in sorted(rep.quantized_ops.items()):
+        for label, n in sorted(labels.items()):
+            table.add_row(op, str(label), str(n))
+    console.print(table)
+    for title, viol in (("TensorRT", rep.tensorrt_violations), ("onnxruntime", rep.onnxruntime_violations)):
+        console.print(f"{title}: {len(viol)} violation(s)")
+        for v in viol:
+            console.print(f"  {v}")
+
+
+@cli.command("bench")
+@click.argument("artifact", type=click.Path())
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated intra-op thread counts.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--iterations", type=int, default=30, show_default=True)
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu or cuda.")
+def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
+    """Latency (median, p90) and throughput of ARTIFACT (.onnx, or a run directory's model.qdq.onnx)."""
+    from maskaq_deploy.pipeline import bench
+
+    _setup_logging()
+    rows = bench(artifact, batch_sizes=_ints_list(batch_sizes, "--batch-sizes"),
+                 threads=_ints_list(threads, "--threads"), warmup=warmup, iterations=iterations, provider=provider)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"latency of {artifact}")
+    for col in ("batch", "threads", "median ms", "p90 ms", "images/s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                      f"{r['throughput']:.1f}")
+    Console().print(table)
+
+
+def _ints_list(value: str, what: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} takes comma-separated integers, e.g. 1,8") from None
+    if not out or any(v < 1 for v in out):
+        raise UsageError(f"{what} needs positive integers")
+    return out
 
 
 def main():

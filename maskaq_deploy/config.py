@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from maskaq_deploy.errors import UsageError
 

@@ -32,7 +32,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.array) if self.array is not None else len(self.files)
 
-    def subset(self, limit: int | None, seed: int = 0) -> "ImageSet":
+    def subset(self, limit: int | None, seed: int = 0) -> ImageSet:
         """The first ``limit`` items of a seeded permutation (all of them when limit is None)."""
         if limit is None or limit >= len(self):
             return self

@@ -170,7 +170,6 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
     against the full-precision model on ``val_data``; write and return RUN/report.json."""
     from calib import load_quantized_checkpoint
     from calib.checkpoint import atomic_write_json
-
     from maskaq_deploy.report import merge_report
 
     run_dir = Path(run_dir)
@@ -194,7 +193,7 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
 
     results = {"torch": _runtime_result(torch_logits, labels, fp_logits)}
     if runtime != "torch":
-        from maskaq_deploy.runtime_eval import run_artifact
+        from maskaq_deploy.deploy import run_artifact
 
         t0 = time.perf_counter()
         art_logits, art_info = run_artifact(runtime, run_dir, artifact, images, batch_size, manifest)
@@ -240,3 +239,93 @@ def _vs_torch(logits: torch.Tensor, torch_logits: torch.Tensor) -> dict:
     return {"agreement_vs_torch": round((logits.argmax(1) == torch_logits.argmax(1)).float().mean().item(), 6),
             "sqnr_db_vs_torch": round(float(sqnr), 3),
             "max_abs_diff_vs_torch": round(float(err.abs().max()), 6)}
+
+
+@dataclasses.dataclass
+class BuildResult:
+    report: dict
+    artifacts: list[str]
+    engine_missing_reason: str | None = None
+
+
+def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "onnxruntime", force: bool = False,
+          val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
+          bundle_only: bool = False, progress=None) -> BuildResult:
+    """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
+    and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
+    from maskaq_deploy import deploy
+
+    out = Path(out)
+    deploy.check_target(cfg.recipe, target)  # refuse before any work
+    t0 = time.perf_counter()
+    calibrate(model_cfg, cfg, out, force=force, progress=progress)
+    if target == "torch":
+        report = verify(out, val_data, limit=limit)
+        return BuildResult(report, _listing(out))
+    t1 = time.perf_counter()
+    exp = deploy.export_run(out, flavour=target, dynamic_batch=dynamic_batch)
+    export_s = round(time.perf_counter() - t1, 3)
+    if target == "tensorrt":
+        bad = deploy.conformance(exp.qdq_path)
+        if bad:
+            raise MaskAQError(f"the TensorRT-flavour graph breaks {len(bad)} explicit-quantization rule(s), first: "
+                              f"{bad[0]}; run 'maskaq-deploy inspect {exp.qdq_path}' for all")
+    report = verify(out, val_data, runtime="onnxruntime", limit=limit)
+    engine_reason = None
+    if target == "tensorrt":
+        from calib import load_quantized_checkpoint
+
+        _, manifest = load_quantized_checkpoint(out)
+        images = load_image_set(report["val_data"], manifest["model"]["data_config"], "--val-data")
+        deploy.write_tensorrt_bundle(out, exp.qdq_path, images, manifest)
+        if not bundle_only:
+            engine, engine_reason = deploy.try_build_engine(out, exp.qdq_path)
+            if engine is not None:
+                report = verify(out, val_data, runtime="tensorrt", limit=limit)
+    report["seconds"]["export"] = export_s
+    report["seconds"]["build_total"] = round(time.perf_counter() - t0, 3)
+    report["target"] = target
+    from calib.checkpoint import atomic_write_json
+
+    atomic_write_json(out / REPORT_FILE, report)
+    return BuildResult(report, _listing(out), engine_reason)
+
+
+def _listing(out: Path) -> list[str]:
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir() if not p.name.startswith("."))
+
+
+def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iterations: int = 30,
+          provider: str = "cpu") -> list[dict]:
+    """Latency of an ONNX artifact on onnxruntime; a run directory means its model.qdq.onnx (exported with a
+    dynamic batch when needed). Rows: batch, threads, median_ms, p90_ms, throughput (images/s)."""
+    import onnx
+
+    from maskaq_deploy import deploy
+    from runtimes.bench import benchmark
+    from runtimes.ort_backend import OrtBackend
+
+    path = Path(artifact)
+    if path.is_dir():
+        dyn = path / "model.qdq.dynamic.onnx"
+        if not dyn.is_file():
+            deploy.export_run(path, flavour="onnxruntime", out=dyn, fp_too=False, dynamic_batch=True)
+        path = dyn
+    if not path.is_file():
+        raise UsageError(f"{artifact} is neither an .onnx file nor a run directory")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UsageError(f"{artifact} is not an ONNX file ({type(e).__name__})") from None
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if shape[0] is not None:  # a fixed batch: only that batch size is meaningful
+        if any(b != shape[0] for b in batch_sizes):
+            log.warning("%s has a fixed batch of %d; timing that batch only (export with --dynamic-batch for "
+                        "others)", path.name, shape[0])
+        batch_sizes = [shape[0]]
+    rows = benchmark(lambda b, t: OrtBackend(path, provider=provider, threads=t), shape[1:],
+                     batch_sizes=batch_sizes, threads=threads, warmup=warmup, iterations=iterations)
+    for r in rows:
+        r["throughput"] = r.pop("throughput_ips")
+    return rows

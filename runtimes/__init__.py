@@ -2,5 +2,20 @@
 
 from runtimes.base import Backend
 from runtimes.errors import BackendError, BackendUnavailable
+from runtimes.compare import compare_logits, sqnr_db
+from runtimes.bench import benchmark, time_runs
+from runtimes.ort_backend import OrtBackend, available_providers
+from runtimes.torch_backend import TorchBackend
 
-__all__ = ["Backend", "BackendError", "BackendUnavailable"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "compare_logits",
+    "sqnr_db",
+    "benchmark",
+    "time_runs",
+    "OrtBackend",
+    "available_providers",
+    "TorchBackend",
+]

@@ -1,0 +1,29 @@
+"""Typed errors of the exporter, the conformance checker and the ONNX inspector.
+
+Each carries a one-line message naming the problem and, where there is one, the fix. Library code raises them;
+the CLI turns them into messages and exit codes.
+"""
+
+
+class ExportError(Exception):
+    """The model cannot be exported as asked (the exporter failed, or the result would be wrong)."""
+
+
+class UnsupportedOpError(ExportError):
+    """A quantized tensor feeds an ONNX op (or an input of it) that has no Q/DQ rule in export/registry.py."""
+
+
+class UnsupportedModelError(ExportError, TypeError):
+    """The object is not a model this exporter handles (not an nn.Module, or no quantizers for a QDQ export)."""
+
+
+class TargetError(ExportError, ValueError):
+    """The recipe cannot be expressed for the requested flavour/target (e.g. W4A8 for TensorRT)."""
+
+
+class OnnxFileError(ExportError):
+    """A file given as an ONNX model is missing, or is not an ONNX model."""
+
+
+class NoQDQError(ExportError):
+    """The ONNX graph has no QuantizeLinear / DequantizeLinear (or packed INT4) nodes: it is a float model."""

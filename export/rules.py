@@ -1,0 +1,305 @@
+"""Conformance checks of a QDQ ONNX graph: TensorRT explicit-quantization rules, and onnxruntime loading.
+
+``check_tensorrt`` lists every violation of the rules TensorRT 10/11 puts on explicitly quantized graphs
+(DESIGN.md "TensorRT explicit-quantization rules"):
+
+    trt-zero-point       a Q/DQ zero point is not all zeros (TensorRT Q/DQ are symmetric)
+    trt-scale            a scale is not a constant, or has a value <= 0 / not finite
+    trt-act-per-channel  a per-channel or block-wise scale on an activation (non-constant input)
+    trt-dtype            a Q/DQ type TensorRT lacks (uint8, uint4, int16, ...); it has INT8, INT4, FP8
+    trt-int4-activation  INT4 on an activation (TensorRT INT4 is weight-only)
+    trt-int4-block       INT4 weights not block-wise on one of the last two axes
+    trt-int4-consumer    an INT4 weight DQ feeding something other than MatMul/Gemm
+    trt-float-op-int8    a DequantizeLinear feeding LayerNormalization / Gelu / Erf (TensorRT would fuse it and
+                         run the op in INT8)
+    trt-fused-attention  a fused Attention / MultiHeadAttention op (no Q/DQ can be placed inside it)
+    trt-custom-op        a node from a non-ONNX domain (e.g. com.microsoft MatMulNBits), no TensorRT importer
+    trt-opset            default-domain opset outside 13..22
+
+Opset bound: onnx-tensorrt (the parser inside TensorRT 10.x) documents ONNX opsets 9 to 22 in its
+docs/operators.md; NVIDIA's ONNX Opset Guide gives 25 as the maximum for TensorRT 11.x. 22 is the bound both
+parse; 13 is the first opset with per-axis Q/DQ, which explicit quantization needs.
+
+``check_onnxruntime`` tries to create an onnxruntime CPU session at the default optimization level
+(``ort-load``) and warns (``ort-int4-accuracy``) where INT4 DQ -> MatMul needs the session option
+``session.qdq_matmulnbits_accuracy_level = "0"`` to keep float activations.
+
+Which ops take INT4 and which must stay float comes from export/registry.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from export.errors import OnnxFileError
+from export.int4 import int4_initializer_to_array
+from export.registry import int4_consumers, trt_float_only_ops
+
+TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
+TRT_QDQ_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+INT4_TYPES = {TensorProto.INT4, TensorProto.UINT4}
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+RULES = {
+    "trt-zero-point": "Q/DQ zero points must be all zero",
+    "trt-scale": "Q/DQ scales must be positive, finite constants",
+    "trt-act-per-channel": "activations must be quantized per tensor",
+    "trt-dtype": "Q/DQ types must be INT8, INT4 or FP8",
+    "trt-int4-activation": "INT4 is for weights only",
+    "trt-int4-block": "INT4 weights must be block-wise on one of the last two axes",
+    "trt-int4-consumer": "INT4 weights may feed only MatMul/Gemm",
+    "trt-float-op-int8": "no DequantizeLinear directly feeding LayerNormalization/Gelu/Erf",
+    "trt-fused-attention": "attention must stay MatMul -> Softmax -> MatMul",
+    "trt-custom-op": "only ONNX-domain ops (no onnxruntime contrib ops)",
+    "trt-opset": f"opset {TRT_MIN_OPSET} to {TRT_MAX_OPSET}",
+    "ort-load": "onnxruntime can create a CPU session at the default optimization level",
+    "ort-int4-accuracy": "INT4 DQ -> MatMul needs session.qdq_matmulnbits_accuracy_level=0",
+}
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str  # an id from RULES
+    node: str  # the offending node's name (or "<model>")
+    message: str
+    target: str = "tensorrt"
+    severity: str = "error"  # "error" | "warning"
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.node}: {self.message}"
+
+
+def load_model(model) -> onnx.ModelProto:
+    """A ModelProto from a ModelProto or a path; raises OnnxFileError for a missing file or not-ONNX bytes."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise OnnxFileError(f"{path} does not exist or is not a file; give the path of an .onnx model")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as e:  # protobuf DecodeError, external-data OSError, ...
+        raise OnnxFileError(f"{path} is not an ONNX model ({type(e).__name__}); export one with "
+                            "'maskaq-deploy export'") from None
+    # protobuf parses many byte strings "successfully" into an empty message: demand the ONNX essentials
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import or not proto.graph.node:
+        raise OnnxFileError(f"{path} is not an ONNX model (no IR version, opset or graph); export one with "
+                            "'maskaq-deploy export'")
+    return proto
+
+
+class GraphView:
+    """Producer / consumer / constant lookups over one graph (main graph only; subgraphs are not walked)."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        g = proto.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output if o}
+        self.consumers: dict[str, list] = {}
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((n, i))
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.value_types = {v.name: v.type.tensor_type.elem_type
+                            for v in list(g.input) + list(g.value_info) + list(g.output)}
+
+    def name(self, node) -> str:
+        return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+    def is_constant(self, tensor: str) -> bool:
+        """An initializer, a Constant's output, or a Q/DQ / Transpose / Reshape of constants."""
+        if tensor in self.inits:
+            return True
+        p = self.producer.get(tensor)
+        if p is None:
+            return False
+        if p.op_type == "Constant":
+            return True
+        if p.op_type in QDQ_OPS + ("Transpose", "Reshape", "Cast", "Identity"):
+            return bool(p.input) and self.is_constant(p.input[0])
+        return False
+
+    def const_array(self, tensor: str):
+        """The value of a constant tensor (initializer or Constant), or None."""
+        t = self.inits.get(tensor)
+        if t is None:
+            p = self.producer.get(tensor)
+            if p is not None and p.op_type == "Constant":
+                for a in p.attribute:
+                    if a.name == "value":
+                        t = a.t
+        if t is None:
+            return None
+        if t.data_type in INT4_TYPES:
+            return int4_initializer_to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except Exception:  # exotic types: treat as unknown
+            return None
+
+    def elem_type(self, tensor: str) -> int | None:
+        if tensor in self.inits:
+            return self.inits[tensor].data_type
+        p = self.producer.get(tensor)
+        if p is not None and p.op_type == "Constant":
+            for a in p.attribute:
+                if a.name == "value":
+                    return a.t.data_type
+        return self.value_types.get(tensor) or None
+
+    def qdq_dtype(self, node) -> int | None:
+        """The integer type a Q produces / a DQ consumes."""
+        if node.op_type == "DequantizeLinear":
+            t = self.elem_type(node.input[0])
+            if t:
+                return t
+            p = self.producer.get(node.input[0])
+            if p is not None and p.op_type == "QuantizeLinear":
+                return self.qdq_dtype(p)
+            return self.elem_type(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        for a in node.attribute:
+            if a.name == "output_dtype" and a.i:
+                return a.i
+        if len(node.input) > 2 and node.input[2]:
+            return self.elem_type(node.input[2])
+        return TensorProto.UINT8  # QuantizeLinear's default without a zero point
+
+    def attr(self, node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+
+def _dtype_name(t: int | None) -> str:
+    return TensorProto.DataType.Name(t) if t else "unknown"
+
+
+def check_tensorrt(model) -> list[Violation]:
+    """Every violation of TensorRT's explicit-quantization rules in ``model`` (a ModelProto or a path)."""
+    proto = load_model(model)
+    G = GraphView(proto)
+    out: list[Violation] = []
+
+    def add(rule, node, msg):
+        out.append(Violation(rule, node if isinstance(node, str) else G.name(node), msg, "tensorrt"))
+
+    if not TRT_MIN_OPSET <= G.opset <= TRT_MAX_OPSET:
+        add("trt-opset", "<model>", f"opset {G.opset} is outside {TRT_MIN_OPSET}..{TRT_MAX_OPSET}, which the "
+            "TensorRT 10 ONNX parser reads; re-export with opset 20 (21 for INT4)")
+    float_only = set(trt_float_only_ops())
+    int4_ok = set(int4_consumers())
+    for node in G.nodes:
+        if node.op_type in FUSED_ATTENTION:
+            add("trt-fused-attention", node, f"{node.op_type} is a fused attention op: Q/DQ cannot reach its "
+                "matmuls; export with fused attention off and opset < 23")
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            add("trt-custom-op", node, f"{node.domain}::{node.op_type} is not an ONNX op and TensorRT has no "
+                "importer for it; export with flavour 'tensorrt'")
+            continue
+        if node.op_type in float_only:
+            for i in node.input:
+                p = G.producer.get(i)
+                if p is not None and p.op_type == "DequantizeLinear":
+                    add("trt-float-op-int8", node, f"{node.op_type} reads DequantizeLinear {G.name(p)} directly; "
+                        "TensorRT would run it in INT8. Quantize the inputs of the following MatMul instead")
+                    break
+        if node.op_type not in QDQ_OPS:
+            continue
+        _check_qdq(G, node, add, int4_ok)
+    return out
+
+
+def _check_qdq(G: GraphView, node, add, int4_ok: set) -> None:
+    data = node.input[0]
+    # a DQ's data is a weight when it is constant (an initializer or Q(constant)); a Q's when its input is
+    is_weight = G.is_constant(data)
+    dtype = G.qdq_dtype(node)
+    scale = G.const_array(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        add("trt-scale", node, "the scale is not a constant; TensorRT needs build-time scales")
+    else:
+        s = np.asarray(scale, dtype=np.float64)
+        if s.size == 0 or not np.isfinite(s).all() or (s <= 0).any():
+            add("trt-scale", node, f"scale has non-positive or non-finite values (min {s.min() if s.size else '-'});"
+                " recalibrate")
+        if s.size > 1 and not is_weight:
+            add("trt-act-per-channel", node, f"{s.size} scales on an activation; TensorRT quantizes activations "
+                "per tensor")
+    if len(node.input) > 2 and node.input[2]:
+        zp = G.const_array(node.input[2])
+        if zp is None:
+            add("trt-zero-point", node, "the zero point is not a constant")
+        elif np.any(np.asarray(zp) != 0):
+            add("trt-zero-point", node, "non-zero zero point; TensorRT Q/DQ are symmetric (use symmetric "
+                "activations, or export flavour 'tensorrt')")
+    if dtype is not None and dtype not in TRT_QDQ_TYPES:
+        add("trt-dtype", node, f"{_dtype_name(dtype)} Q/DQ; TensorRT takes INT8 (activations and weights), INT4 "
+            "(weights) or FP8")
+    if dtype in INT4_TYPES:
+        if not is_weight:
+            add("trt-int4-activation", node, "INT4 on an activation; TensorRT INT4 is weight-only (use int8 "
+                "activations or w4a16)")
+            return
+        if node.op_type == "DequantizeLinear":
+            block = int(G.attr(node, "block_size", 0) or 0)
+            rank = len(G.inits[data].dims) if data in G.inits else None
+            axis = int(G.attr(node, "axis", 1))
+            if rank is not None and axis < 0:
+                axis += rank
+            if block <= 0 or (rank is not None and axis < rank - 2):
+                add("trt-int4-block", node, "INT4 weights must be dequantized block-wise along one of the last two "
+                    "axes (DequantizeLinear block_size, opset 21)")
+            for consumer, _ in G.consumers.get(node.output[0], []):
+                if consumer.op_type not in int4_ok:
+                    add("trt-int4-consumer", node, f"INT4 weights feed {consumer.op_type} "
+                        f"{G.name(consumer)}; TensorRT takes INT4 only into MatMul/Gemm")
+
+
+def check_onnxruntime(model, *, providers=("CPUExecutionProvider",)) -> list[Violation]:
+    """Whether onnxruntime loads ``model`` at its default optimization level, plus INT4 session advice."""
+    import onnxruntime as ort
+
+    proto = load_model(model)
+    G = GraphView(proto)
+    out: list[Violation] = []
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(proto.SerializeToString(), so, providers=list(providers))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        out.append(Violation("ort-load", "<model>", f"onnxruntime cannot load the graph at ORT_ENABLE_ALL: "
+                             f"{first[:300]}", "onnxruntime"))
+    for node in G.nodes:
+        if node.op_type == "DequantizeLinear" and G.qdq_dtype(node) in INT4_TYPES and any(
+                c.op_type in ("MatMul", "Gemm") for c, _ in G.consumers.get(node.output[0], [])):
+            out.append(Violation("ort-int4-accuracy", G.name(node), "INT4 DQ -> MatMul: create the session with "
+                                 "session.qdq_matmulnbits_accuracy_level=0 (OrtBackend does), or onnxruntime "
+                                 "quantizes its activations to int8", "onnxruntime", "warning"))
+    return out
+
+
+def check(model, targets=("tensorrt", "onnxruntime")) -> list[Violation]:
+    """Violations for each of ``targets`` ("tensorrt", "onnxruntime")."""
+    proto = load_model(model)
+    unknown = set(targets) - {"tensorrt", "onnxruntime"}
+    if unknown:
+        raise ValueError(f"unknown conformance target(s) {sorted(unknown)}; use 'tensorrt' and/or 'onnxruntime'")
+    out = []
+    if "tensorrt" in targets:
+        out += check_tensorrt(proto)
+    if "onnxruntime" in targets:
+        out += check_onnxruntime(proto)
+    return out

@@ -1,0 +1,147 @@
+"""Deployment stages on a quantized checkpoint: ONNX export, TensorRT bundle and engine, runtime evaluation.
+
+    RUN/model.onnx          the full-precision graph (reference, and what onnxruntime's own quantizers start from)
+    RUN/model.qdq.onnx      the QDQ graph of the checkpoint, in the flavour of the target
+    RUN/bundle/             TensorRT deployment bundle (target tensorrt)
+    RUN/model.engine        TensorRT engine (target tensorrt, where TensorRT and a GPU are present)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from maskaq_deploy.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FP_ONNX, QDQ_ONNX, ENGINE = "model.onnx", "model.qdq.onnx", "model.engine"
+TARGETS = ("onnxruntime", "tensorrt", "torch")
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+GOLDEN_IMAGES = 64
+
+
+@dataclass
+class ExportResult:
+    fp_path: Path | None
+    qdq_path: Path
+    flavour: str
+    opset: int
+    dynamic_batch: bool
+    batch_size: int
+    op_counts: dict
+
+
+def check_target(recipe_name: str, target: str) -> None:
+    """Refuse, before any work, a recipe the target cannot execute."""
+    if target not in TARGETS:
+        raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "torch":
+        return
+    from calib import get_recipe
+    from export.targets import check_recipe_for_target
+
+    check_recipe_for_target(get_recipe(recipe_name), target)
+
+
+def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None = None, fp_too: bool = True,
+               batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
+    """Export the checkpoint in ``run_dir`` to QDQ ONNX (and its float graph to RUN/model.onnx)."""
+    from calib import load_quantized_checkpoint
+    from export import export_fp_onnx, export_qdq_onnx
+
+    if flavour not in ("onnxruntime", "tensorrt"):
+        raise UsageError(f"unknown export flavour {flavour!r}; use --for onnxruntime or --for tensorrt")
+    run_dir = Path(run_dir)
+    qmodel, manifest = load_quantized_checkpoint(run_dir)
+    if flavour == "tensorrt":
+        _check_recipe(manifest, "tensorrt")
+    qdq_path = Path(out) if out else run_dir / QDQ_ONNX
+    meta = {"maskaq.recipe": manifest["recipe"]["name"], "maskaq.method": manifest["method"],
+            "maskaq.model": manifest["model"]["name"], "maskaq.flavour": flavour}
+    res = export_qdq_onnx(qmodel, qdq_path, flavour=flavour, batch_size=batch_size,
+                          dynamic_batch=dynamic_batch, opset=opset, metadata=meta)
+    fp_path = None
+    if fp_too:
+        fp_path = run_dir / FP_ONNX
+        from calib.quantize import quantizers_enabled
+        from maskaq_deploy.pipeline import reload_fp_model
+
+        fp = reload_fp_model(manifest).model
+        with quantizers_enabled(qmodel, False):
+            export_fp_onnx(fp, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
+    return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
+                        dict(res.op_counts))
+
+
+def _check_recipe(manifest: dict, target: str) -> None:
+    """The checkpoint's own recipe (built-in or custom) against ``target``."""
+    from calib.recipes import Recipe
+    from export.targets import check_recipe_for_target
+
+    check_recipe_for_target(Recipe.from_dict(manifest["recipe"]), target)
+
+
+def conformance(qdq_path) -> list:
+    """TensorRT explicit-quantization violations of a QDQ graph (empty list: conformant)."""
+    from export.rules import check_tensorrt
+
+    return [v for v in check_tensorrt(str(qdq_path)) if getattr(v, "severity", "error") == "error"]
+
+
+def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manifest: dict):
+    """Logits of an exported artifact over ``images``; returns (torch logits, info dict for report.json)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    if runtime == "onnxruntime":
+        from runtimes.ort_backend import OrtBackend
+
+        path = Path(artifact) if artifact else run_dir / QDQ_ONNX
+        if not path.is_file():
+            log.info("%s not found: exporting the onnxruntime flavour first", path)
+            path = export_run(run_dir, flavour="onnxruntime", fp_too=False, dynamic_batch=True).qdq_path
+        backend = OrtBackend(path)
+        info = {"artifact": path.name}
+    elif runtime == "tensorrt":
+        from runtimes.tensorrt_backend import TensorRTBackend
+
+        path = Path(artifact) if artifact else run_dir / ENGINE
+        backend = TensorRTBackend(path)
+        info = {"artifact": path.name}
+    else:
+        raise UsageError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    outs = []
+    with backend as rt:
+        for x, _ in images.batches(batch_size):
+            outs.append(torch.from_numpy(np.asarray(rt.run(x.numpy()), dtype=np.float32)))
+    return torch.cat(outs), info
+
+
+def golden_inputs(images, n: int = GOLDEN_IMAGES) -> np.ndarray:
+    """A fixed sample (the first ``n`` of a seeded permutation) of validation images for the bundle."""
+    sub = images.subset(n, seed=1234)
+    return np.concatenate([x.numpy() for x, _ in sub.batches(n)]).astype(np.float32)
+
+
+def write_tensorrt_bundle(run_dir, qdq_path, images, manifest: dict, *, max_batch: int = 32) -> Path:
+    from export.bundle import write_bundle
+
+    bundle_manifest = {"model": manifest["model"], "recipe": manifest["recipe"], "method": manifest["method"],
+                       "versions": manifest.get("versions", {})}
+    return write_bundle(run_dir, qdq_path, golden_inputs(images), manifest=bundle_manifest, max_batch=max_batch)
+
+
+def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: int | None = None,
+                     timing_cache=None):
+    """Build RUN/model.engine; returns (EngineInfo, None) or (None, reason) when TensorRT/GPU is missing."""
+    from export.tensorrt import EngineUnavailable, build_engine
+
+    try:
+        return build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,
+                            timing_cache=timing_cache), None
+    except EngineUnavailable as e:
+        return None, str(e).splitlines()[0]

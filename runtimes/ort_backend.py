@@ -1,0 +1,158 @@
+"""The onnxruntime backend: one InferenceSession on CPU (or CUDA when asked and present).
+
+Session settings that matter for our graphs:
+
+* the default graph optimization level (ORT_ENABLE_ALL): the exported QDQ graphs are made to load and fuse at
+  it, so the numbers measured here are those a user of the plain onnxruntime API gets;
+* ``session.qdq_matmulnbits_accuracy_level = "0"``: at the default (4) onnxruntime fuses INT4 DequantizeLinear
+  -> MatMul into MatMulNBits that quantizes the activations to int8, which the torch model does not do;
+* intra-op threads: explicit, so benchmarks say what they used.
+
+A model exported with a fixed batch size still takes any number of images: they are run in chunks of that
+size, the last one zero-padded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.base import Backend
+from runtimes.errors import BackendError, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def provider_name(provider: str) -> str:
+    """Full onnxruntime provider name of ``provider`` ("cpu", "cuda", "tensorrt" or a full name)."""
+    return PROVIDERS.get(provider.lower(), provider)
+
+
+def available_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+class OrtBackend(Backend):
+    """Run an ONNX file with onnxruntime.
+
+    ``provider``: "cpu" (default), "cuda", "tensorrt" or a full provider name; CPU is always the fallback for
+    nodes the provider does not take. ``threads``: intra-op threads (None: onnxruntime's default).
+    ``optimization``: graph optimization level, one of disable/basic/extended/all (default "all", as
+    onnxruntime's own default).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path, *, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
+                 int4_accuracy_level: int = 0, profile_prefix: str | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if optimization not in OPT_LEVELS:
+            raise ValueError(f"optimization must be one of {', '.join(OPT_LEVELS)}, got {optimization!r}")
+        self.path = Path(path)
+        self.provider = provider_name(provider)
+        self.threads = threads
+        self.optimization = optimization
+        self.int4_accuracy_level = int4_accuracy_level
+        self.profile_prefix = profile_prefix
+        self.session = None
+        self.input_name: str | None = None
+        self.input_shape: tuple | None = None
+
+    @classmethod
+    def available(cls, provider: str = "cpu") -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return False, f"onnxruntime is not installed ({e}); pip install onnxruntime"
+        want = provider_name(provider)
+        have = available_providers()
+        if want not in have:
+            return False, f"requested provider {want}; available providers are {have}"
+        return True, ""
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        if self.threads is not None:
+            so.intra_op_num_threads = self.threads
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.int4_accuracy_level))
+        so.log_severity_level = 3  # warnings about hardware-specific optimizations are noise here
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
+        return so
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        if not self.path.is_file():
+            raise BackendError(f"ONNX file {self.path} does not exist")
+        ok, why = self.available(self.provider)
+        if not ok:
+            raise BackendUnavailable(f"onnxruntime: {why}")
+        providers = [self.provider] + (["CPUExecutionProvider"] if self.provider != "CPUExecutionProvider" else [])
+        try:
+            self.session = ort.InferenceSession(str(self.path), self.session_options(), providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"onnxruntime cannot load {self.path.name}: {first[:300]}") from e
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise BackendError(f"{self.path.name} has {len(inputs)} inputs; expected one image batch")
+        self.input_name = inputs[0].name
+        self.input_shape = tuple(inputs[0].shape)
+
+    def close(self) -> None:
+        self.session = None
+
+    def end_profiling(self) -> str | None:
+        """Stop profiling and return the JSON trace's path (when ``profile_prefix`` was given)."""
+        return self.session.end_profiling() if self.session is not None and self.profile_prefix else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        dim = self.input_shape[0] if self.input_shape else None
+        return dim if isinstance(dim, int) and dim > 0 else None
+
+    def _check_shape(self, batch: np.ndarray) -> None:
+        want = self.input_shape[1:]
+        got = batch.shape[1:]
+        if len(want) != len(got) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+            raise BackendError(f"{self.path.name} expects images of shape {tuple(want)}, got {tuple(got)}")
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise BackendError("onnxruntime backend used outside its 'with' block")
+        self._check_shape(batch)
+        fixed = self.fixed_batch
+        if fixed is None or batch.shape[0] == fixed:
+            return self.session.run(None, {self.input_name: batch})[0]
+        outs = []
+        for i in range(0, batch.shape[0], fixed):
+            chunk = batch[i:i + fixed]
+            n = chunk.shape[0]
+            if n < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+        return np.concatenate(outs, axis=0)

@@ -97,13 +97,18 @@ def calib_options(f):
     opts = [
         click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
                      help="TOML file with [model] and [calibrate] tables; options override it."),
-        click.option("--method", default=None, help="Calibration method: real."),
+        click.option("--method", default=None,
+                     help="maskaq (default, data-free), psaq, noise (data-free baselines) or real (user images)."),
+        click.option("--preset", default=None, help="fast (default), standard (fine-tune + refresh) or paper."),
+        click.option("--save-images", is_flag=True, default=None, help="Write a PNG grid of the synthetic images."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT from its last checkpoint."),
         click.option("--recipe", default=None,
                      help="w8a8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
         click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
         click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
-        click.option("--num-images", type=int, default=None, help="Calibration images to use."),
-        click.option("--batch-size", type=int, default=None, help="Calibration batch size."),
+        click.option("--num-images", type=int, default=None,
+                     help="Calibration images (synthetic or real); default: the preset's."),
+        click.option("--batch-size", type=int, default=None, help="Batch size for real images and evaluation."),
         click.option("--seed", type=int, default=None, help="Random seed."),
         click.option("--device", default=None, help="cpu or cuda."),
         click.option("--force", is_flag=True, help="Overwrite a non-empty output directory."),
@@ -129,11 +134,48 @@ def resolve_configs(kw: dict):
         "pretrained": kw.get("pretrained"), "mean": _floats(kw.get("mean"), "--mean"),
         "std": _floats(kw.get("std"), "--std"), "input_size": _ints(kw.get("input_size"), "--input-size")})
     calib_cfg = build(CalibrateConfig, file.get("calibrate"), {
-        "method": kw.get("method"), "recipe": kw.get("recipe"),
+        "method": kw.get("method"), "preset": kw.get("preset"), "save_images": kw.get("save_images"),
+        "dfq": file.get("dfq"), "recipe": kw.get("recipe"),
         "keep_fp": tuple(kw["keep_fp"]) if kw.get("keep_fp") else None, "calib_data": kw.get("calib_data"),
         "num_images": kw.get("num_images"), "batch_size": kw.get("batch_size"), "seed": kw.get("seed"),
         "device": kw.get("device")})
     return model_cfg, calib_cfg
+
+
+class _ProgressView:
+    """Renders the calibration's progress events: rich bars with the current losses, or log lines (--quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = None
+        self.tasks: dict = {}
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
+                                     console=__import__("rich.console").console.Console(stderr=True))
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        stage = str(event.get("stage", "calibration"))
+        key = event.get("round", stage)
+        losses = " ".join(f"{k} {v:.3g}" for k, v in (event.get("losses") or {}).items()
+                          if isinstance(v, (int, float)))
+        step, total = event.get("step", 0), event.get("total") or 1
+        if self.progress is None:
+            log.info("%s %s/%s %s", stage, step, total, losses)
+            return
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(stage, total=total, losses="")
+        self.progress.update(self.tasks[key], completed=step, total=total, losses=losses)
 
 
 def _setup_logging(quiet: bool = False, verbose: bool = False):
@@ -175,13 +217,14 @@ def cli():
 @model_options
 @calib_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-def calibrate(out, force, quiet, **kw):
-    """Quantize a model and write the quantized checkpoint into OUT."""
+def calibrate(out, force, quiet, resume, **kw):
+    """Quantize a model (MaskAQ data-free by default) and write the quantized checkpoint into OUT."""
     from maskaq_deploy.pipeline import calibrate as run_calibrate
 
     _setup_logging(quiet)
     model_cfg, calib_cfg = resolve_configs(kw)
-    manifest = run_calibrate(model_cfg, calib_cfg, out, force=force)
+    with _ProgressView(quiet) as view:
+        manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view)
     click.echo(f"quantized checkpoint written to {out} ({manifest['recipe']['name']}, "
                f"{manifest['quantized_modules']} quantized modules, method {manifest['method']})")
 
@@ -217,7 +260,7 @@ def verify(run, val_data, runtime, artifact, limit, batch_size):
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--bundle-only", is_flag=True,
               help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
-def build(out, force, quiet, target, val_data, limit, dynamic_batch, bundle_only, **kw):
+def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bundle_only, **kw):
     """Calibrate -> export -> verify (-> TensorRT bundle and engine): the whole chain on one model.
 
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
@@ -225,8 +268,9 @@ def build(out, force, quiet, target, val_data, limit, dynamic_batch, bundle_only
 
     _setup_logging(quiet)
     model_cfg, calib_cfg = resolve_configs(kw)
-    result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
-                       dynamic_batch=dynamic_batch, bundle_only=bundle_only)
+    with _ProgressView(quiet) as view:
+        result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
+                           dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
     if result.engine_missing_reason:

@@ -1,6 +1,7 @@
 """Run configuration: frozen dataclasses with defaults, loadable from TOML, overridable from CLI options.
 
-A TOML file may hold the tables [model] (ModelConfig fields) and [calibrate] (CalibrateConfig fields):
+A TOML file may hold the tables [model] (ModelConfig fields), [calibrate] (CalibrateConfig fields) and [dfq]
+(calib.dfq.DFQConfig fields: synthesis, loss weights, fine-tuning, on top of the preset):
 
     [model]
     name = "deit_tiny_patch16_224"
@@ -9,6 +10,10 @@ A TOML file may hold the tables [model] (ModelConfig fields) and [calibrate] (Ca
     [calibrate]
     recipe = "w4a8"
     keep_fp = ["blocks.11.*"]
+
+    [dfq]
+    iterations = 500
+    w_entropy = 0.5
 
 CLI options given explicitly override the file; the fully resolved config goes into the manifest.
 """
@@ -27,26 +32,32 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_VERSION = 1
-METHODS = ("real",)
+METHODS = ("maskaq", "psaq", "noise", "real")
+PRESETS = ("fast", "standard", "paper")
 
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    method: str = "real"
+    method: str = "maskaq"  # maskaq | psaq | noise | real
+    preset: str = "fast"  # fast | standard | paper: a set of DFQ config values
     recipe: str = "w8a8"  # built-in name or a .toml recipe file
     keep_fp: tuple[str, ...] = ()  # fnmatch patterns on module names kept in float
     calib_data: str | None = None  # real images (method real); default for the embedded model: embedded:calib
-    num_images: int = 512  # real images used for calibration
-    batch_size: int = 64
+    num_images: int | None = None  # calibration images (synthetic or real); None: the preset's
+    batch_size: int = 64  # batch size of evaluation and real-image calibration
     seed: int = 0
     device: str = "cpu"
+    save_images: bool = False  # write a PNG grid of the synthetic images into the run directory
+    dfq: dict = dataclasses.field(default_factory=dict)  # DFQConfig field overrides ([dfq] table of --config)
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.num_images < 1 or self.batch_size < 1:
+        if self.preset not in PRESETS:
+            raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if (self.num_images is not None and self.num_images < 1) or self.batch_size < 1:
             raise UsageError("--num-images and --batch-size must be positive")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UsageError(f"--device {self.device!r}: use cpu or cuda[:N]")
@@ -54,6 +65,15 @@ class CalibrateConfig:
     @property
     def needs_real_data(self) -> bool:
         return self.method == "real"
+
+    def dfq_config(self):
+        """The DFQConfig of this run: the preset's values, then the [dfq] overrides, seed and image count."""
+        from calib.dfq import DFQConfig
+
+        overrides = {**self.dfq, "seed": self.seed}
+        if self.num_images is not None:
+            overrides["num_images"] = self.num_images
+        return DFQConfig.from_preset(self.preset, **overrides)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,7 +100,7 @@ def build(cls, file_values: dict | None, overrides: dict):
         raise UsageError(f"unknown {cls.__name__} field(s) {unknown} in the config file; known: {sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     for k, v in list(values.items()):
-        if isinstance(v, list):
+        if isinstance(v, list) and k != "dfq":
             values[k] = tuple(v)
     try:
         return cls(**values)

@@ -87,9 +87,10 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     loaded = load_model(model_cfg)
     qmodel, recipe, info = _quantize(loaded, cfg)
     real = None
-    if cfg.method == "real" or cfg.needs_real_data:
+    if cfg.needs_real_data:
         spec = default_data(model_cfg, "calib", cfg.calib_data, "--calib-data")
-        real = load_image_set(spec, loaded.data_config, "--calib-data").subset(cfg.num_images, cfg.seed)
+        real = load_image_set(spec, loaded.data_config, "--calib-data").subset(
+            cfg.dfq_config().num_images, cfg.seed)
         if len(real) == 0:
             raise DataError(f"--calib-data {spec} holds no images")
     seconds["load"] = round(time.perf_counter() - t0, 3)
@@ -108,6 +109,7 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
         "kept_fp_modules": info.kept_fp,
         "method": cfg.method,
         "config": cfg.to_dict(),
+        "dfq_config": _effective_dfq(cfg),
         "seed": cfg.seed,
         "inputs": {"weights_sha256": loaded.weights_sha256,
                    "calib_data": None if real is None else {"source": real.source, "images": len(real),
@@ -120,17 +122,25 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     return manifest
 
 
+def _effective_dfq(cfg: CalibrateConfig) -> dict:
+    from calib.dfq import effective_config
+
+    return effective_config(cfg.method, cfg.dfq_config()).to_dict()
+
+
 def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
                 *, resume: bool, progress) -> dict:
     """Calibrate (and, when the method fine-tunes, train) ``qmodel`` in place; return a summary."""
-    from calib import calibrate_observers
-    from calib.calibrate import batches_forward_loop
+    from calib.dfq import run_calibration
 
-    if cfg.method == "real":
-        calibrate_observers(qmodel, batches_forward_loop(
-            [x for x, _ in real.batches(cfg.batch_size)], cfg.device))
-        return {"images": len(real)}
-    raise UsageError(f"calibration method {cfg.method!r} is not available; use --method real")
+    real_x = real_y = None
+    if real is not None:
+        batches = list(real.batches(cfg.batch_size))
+        real_x = torch.cat([x for x, _ in batches])
+        real_y = torch.cat([y for _, y in batches]) if batches and batches[0][1] is not None else None
+    return run_calibration(fp_model, qmodel, method=cfg.method, config=cfg.dfq_config(),
+                           data_config=data_config, run_dir=out, real_images=real_x, real_labels=real_y,
+                           resume=resume, device=cfg.device, progress=progress, save_images=cfg.save_images)
 
 
 @torch.no_grad()
@@ -250,7 +260,7 @@ class BuildResult:
 
 def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "onnxruntime", force: bool = False,
           val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
-          bundle_only: bool = False, progress=None) -> BuildResult:
+          bundle_only: bool = False, progress=None, resume: bool = False) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
     and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
     from maskaq_deploy import deploy
@@ -258,7 +268,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
     out = Path(out)
     deploy.check_target(cfg.recipe, target)  # refuse before any work
     t0 = time.perf_counter()
-    calibrate(model_cfg, cfg, out, force=force, progress=progress)
+    calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
     if target == "torch":
         report = verify(out, val_data, limit=limit)
         return BuildResult(report, _listing(out))

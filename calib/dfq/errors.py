@@ -1,0 +1,15 @@
+"""Typed errors of data-free calibration (all are ``calib.errors.QuantError``s with one-line messages)."""
+
+from calib.errors import QuantError
+
+
+class DFQConfigError(QuantError, ValueError):
+    """A data-free calibration config, preset or method argument is invalid."""
+
+
+class ResumeError(QuantError):
+    """A run directory cannot be resumed (different config or model, or unreadable state)."""
+
+
+class SynthesisError(QuantError, RuntimeError):
+    """Image synthesis diverged (non-finite pixels) even after retrying with fresh seeds."""

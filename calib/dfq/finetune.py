@@ -1,0 +1,105 @@
+"""Fine-tuning Q on a (synthetic or real) image set by distillation from the frozen teacher P.
+
+    loss = kd_weight * KL(softmax(P / T) || softmax(Q / T))
+         + attn_dist_weight * masked-SSIM(P's attention outputs, Q's attention outputs)
+         + ce_weight * CE(Q, target labels)          (0 by default, as in the reference)
+
+Trained: every parameter of Q -- weights and biases, LayerNorm, embeddings, the weight quantizers' scales and
+the activation quantizers' LSQ step sizes. SGD with Nesterov momentum, learning rate cosine-annealed per step.
+Both models stay in eval mode (no dropout / stochastic depth), so a step depends only on the seeded data
+order and augmentation: an epoch is reproducible from (seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib.dfq import losses as L
+from calib.dfq.augment import resized_crop_flip
+from calib.dfq.config import DFQConfig
+from calib.dfq.models import Capture, TokenLayout, group_by_shape
+from calib.dfq.state import derive_seed, generators
+from calib.dfq.synthesis import autocast_ctx
+
+
+def make_optimizer(student: nn.Module, cfg: DFQConfig) -> torch.optim.SGD:
+    params = [p for p in student.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.SGD(params, lr=cfg.ft_lr, momentum=cfg.ft_momentum, nesterov=cfg.ft_momentum > 0,
+                           weight_decay=cfg.ft_weight_decay)
+
+
+def lr_at(cfg: DFQConfig, step: int, total: int) -> float:
+    lo = cfg.ft_lr * cfg.ft_lr_min_ratio
+    return lo + (cfg.ft_lr - lo) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def steps_per_epoch(num_images: int, cfg: DFQConfig) -> int:
+    return math.ceil(num_images / cfg.ft_batch_size)
+
+
+def distill_terms(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                  cfg: DFQConfig, layout: TokenLayout, cap_p: Capture, cap_q: Capture,
+                  autocast_dtype) -> dict[str, torch.Tensor]:
+    dev = x.device
+    with torch.no_grad(), autocast_ctx(dev, autocast_dtype):
+        p_out = teacher(x)
+    # Q's fake quantizers round x / scale in the activations' dtype: under bf16 that misplaces 8-bit codes,
+    # so Q trains in float32 unless bf16 was asked for explicitly (autocast = "bf16").
+    with autocast_ctx(dev, autocast_dtype if cfg.autocast == "bf16" else None):
+        q_out = student(x)
+    terms = {"kd": L.kd_kl(q_out, p_out, cfg.kd_temperature)}
+    if cfg.attn_dist_weight:
+        pairs = zip(group_by_shape(cap_p.outputs()), group_by_shape(cap_q.outputs()))
+        total = len(cap_p.mods)
+        terms["attn"] = sum(L.masked_output_ssim(pt, qt, layout.num_prefix, cfg.attn_dist_top,
+                                                 cfg.attn_dist_high) * (n / total)
+                            for (n, pt), (_, qt) in pairs)
+    if cfg.ce_weight and y is not None:
+        terms["ce"] = F.cross_entropy(q_out.float(), y)
+    return terms
+
+
+def finetune_epoch(teacher: nn.Module, student: nn.Module, opt: torch.optim.Optimizer,
+                   images: torch.Tensor, labels: torch.Tensor | None, cfg: DFQConfig, layout: TokenLayout,
+                   epoch: int, device: torch.device, autocast_dtype,
+                   on_log: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """One pass over ``images`` (normalized, any float dtype, on CPU or device); returns mean losses."""
+    n = images.shape[0]
+    per_epoch = steps_per_epoch(n, cfg)
+    total = per_epoch * cfg.epochs
+    gen, cpu_gen = generators(derive_seed(cfg.seed, "finetune", epoch), device)
+    order = torch.randperm(n, generator=cpu_gen)
+    weights = {"kd": cfg.kd_weight, "attn": cfg.attn_dist_weight, "ce": cfg.ce_weight}
+    sums: dict[str, torch.Tensor] = {}
+    student.eval()
+    teacher.eval()
+    with Capture(teacher) as cap_p, Capture(student) as cap_q:
+        for i in range(per_epoch):
+            idx = order[i * cfg.ft_batch_size:(i + 1) * cfg.ft_batch_size]
+            x = images[idx].to(device, non_blocking=True).float()
+            y = labels[idx].to(device) if labels is not None else None
+            x = resized_crop_flip(x, cfg.ft_crop_min, cfg.ft_flip, gen)
+            step = epoch * per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step, total)
+            terms = distill_terms(teacher, student, x, y, cfg, layout, cap_p, cap_q, autocast_dtype)
+            loss = sum(weights[k] * v for k, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            cap_p.clear()
+            cap_q.clear()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            sums["total"] = sums.get("total", 0.0) + loss.detach()
+            if on_log is not None and (i % cfg.log_every == 0 or i == per_epoch - 1):
+                logged = {k: float(v.detach()) for k, v in terms.items()}
+                on_log(step, total, {**logged, "total": float(loss.detach())})
+    return {k: float(v) / per_epoch for k, v in sums.items()}

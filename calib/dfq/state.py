@@ -1,0 +1,191 @@
+"""Checkpoint / resume of a data-free calibration run, inside ``RUN/dfq/``.
+
+    RUN/dfq/run.json                  fingerprint (config, method, model) and what has been completed
+    RUN/dfq/round000/batch00000.safetensors   one synthesized batch: images (float16), labels, its loss curve
+    RUN/dfq/calibrated.safetensors    Q right after observer calibration
+    RUN/dfq/finetune.safetensors      Q + optimizer momentum after the last completed fine-tune epoch
+
+Every file is written to a temporary name and renamed, so a kill leaves either the old or the new file.
+Randomness is never carried in saved state: every batch and every epoch seeds its own generators from
+(seed, stage, index), so redoing an interrupted unit reproduces it bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from calib.dfq.errors import ResumeError
+
+STATE_VERSION = 1
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A stable 63-bit seed for (seed, *keys); independent streams for each batch / epoch / purpose."""
+    h = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generators(seed: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """(tensor generator on ``device``, CPU generator for scalars), both seeded from ``seed``."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cpu = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+    return gen, cpu
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's float tensors (names, shapes, bytes); identifies the model a run started from."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if "_quantizer." in k:
+            continue
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RunState:
+    """The files of one run under ``run_dir/dfq``."""
+
+    def __init__(self, run_dir, fingerprint: dict, resume: bool):
+        self.root = Path(run_dir) / "dfq"
+        self.fingerprint = fingerprint
+        meta_path = self.root / "run.json"
+        if resume and meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ResumeError(f"{meta_path} is corrupt ({e}); rerun without --resume to start over") from None
+            if meta.get("fingerprint") != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
+                              if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
+                raise ResumeError(f"{self.root} holds a run with a different {', '.join(diff)}; rerun without "
+                                  "--resume to start over, or resume with the original settings")
+            self.meta = meta
+            self.resumed = True
+        else:
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            self.meta = {"version": STATE_VERSION, "fingerprint": fingerprint, "epochs_done": 0}
+            self.resumed = False
+            _atomic_json(meta_path, self.meta)
+
+    def _write_meta(self) -> None:
+        _atomic_json(self.root / "run.json", self.meta)
+
+    # --- synthetic batches
+    def round_dir(self, rnd: int) -> Path:
+        return self.root / f"round{rnd:03d}"
+
+    def batch_path(self, rnd: int, batch: int) -> Path:
+        return self.round_dir(rnd) / f"batch{batch:05d}.safetensors"
+
+    def save_batch(self, rnd: int, batch: int, images: torch.Tensor, labels: torch.Tensor, info: dict) -> Path:
+        path = self.batch_path(rnd, batch)
+        _atomic_save({"images": images, "labels": labels}, path, {"info": json.dumps(info)})
+        return path
+
+    def load_batch(self, rnd: int, batch: int):
+        """(images, labels, info) of a saved batch, or None when it is missing or unreadable."""
+        path = self.batch_path(rnd, batch)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("info", "{}"))
+                return f.get_tensor("images"), f.get_tensor("labels"), info
+        except (SafetensorError, OSError, json.JSONDecodeError, KeyError):
+            return None
+
+    def drop_rounds_before(self, rnd: int) -> None:
+        for old in range(rnd):
+            d = self.round_dir(old)
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+    # --- model / optimizer states
+    def save_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                   info: dict | None = None) -> Path:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if optimizer is not None:
+            for idx, st in optimizer.state_dict()["state"].items():
+                for key, val in st.items():
+                    if torch.is_tensor(val):
+                        tensors[f"opt.{idx}.{key}"] = val
+        path = self.root / f"{name}.safetensors"
+        _atomic_save(tensors, path, {"info": json.dumps(info or {})})
+        return path
+
+    def load_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Restore ``model`` (and the optimizer's per-parameter state) from ``name``; returns its info dict,
+        or None when there is no such checkpoint."""
+        path = self.root / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("info", "{}"))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ResumeError(f"{path} does not fit the model ({str(e).splitlines()[0]}); "
+                              "rerun without --resume to start over") from None
+        if optimizer is not None:
+            opt_state: dict = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, idx, key = k.split(".", 2)
+                    opt_state.setdefault(int(idx), {})[key] = v
+            sd = optimizer.state_dict()
+            sd["state"] = opt_state
+            optimizer.load_state_dict(sd)
+        return info
+
+    # --- progress markers
+    def mark(self, **fields) -> None:
+        self.meta.update(fields)
+        self._write_meta()

@@ -1,0 +1,297 @@
+"""Data-free calibration end to end on tiny timm ViTs: methods, frozen teacher, determinism, kill + resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calib import RECIPES, attach_quantizers, iter_quantizers
+from calib.dfq import DFQConfig, ResumeError, run_calibration
+from calib.dfq.config import DFQConfig as _Cfg
+from calib.dfq.finetune import finetune_epoch, make_optimizer
+from calib.dfq.models import make_teacher, token_layout
+from calib.dfq.synthesis import SynthesisSetup, synthesize_batch
+from calib.quantizers import ActQuantizer
+
+TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
+            "mlp_ratio": 2.0}
+DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
+# Small but complete: 3 synthesis batches, calibration, 3 fine-tune epochs with a refresh before epoch 2.
+SMALL = {"num_images": 24, "batch_size": 8, "iterations": 12, "epochs": 3, "refresh_every": 2, "ft_batch_size": 8,
+             "calib_batch_size": 16, "q_init_images": 8, "log_every": 4}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Bit-identical comparisons need the same reduction order in every run (and in the child processes).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def tiny_models(recipe: str = "w4a4", seed: int = 0, state: dict | None = None):
+    import timm
+
+    torch.manual_seed(seed)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    if state is not None:
+        fp.load_state_dict(state)
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES[recipe])
+    return fp, q
+
+
+def toy_batch(n: int, g: torch.Generator):
+    """A 10-class toy task on 16x16 images: class c = a blob at one of 10 grid positions, plus noise."""
+    y = torch.randint(0, 10, (n,), generator=g)
+    cy, cx = (y // 4).float() * 5 + 3, (y % 4).float() * 4 + 2
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    d = ((yy - cy[:, None, None] + torch.randn(n, 1, 1, generator=g) * 0.7) ** 2
+         + (xx - cx[:, None, None] + torch.randn(n, 1, 1, generator=g) * 0.7) ** 2)
+    img = torch.exp(-d / 4.0) * (0.6 + 0.4 * torch.rand(n, 1, 1, generator=g)) + 0.15 * torch.rand(n, 16, 16, generator=g)
+    return ((img.clamp(0, 1) - 0.1307) / 0.3081).unsqueeze(1), y
+
+
+@pytest.fixture(scope="module")
+def trained_state():
+    """A tiny ViT trained for a few seconds on the toy task (a random ViT's output barely depends on its
+    input, so synthesis could not reach its targets)."""
+    import timm
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        x, y = toy_batch(64, g)
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    x, y = toy_batch(500, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (m(x).argmax(1) == y).float().mean() > 0.95
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def q_state(q) -> dict:
+    return {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def run(q_fp, run_dir, method="maskaq", resume=False, **cfg):
+    fp, q = q_fp
+    config = DFQConfig(**{**SMALL, **cfg})
+    return run_calibration(fp, q, method=method, config=config, data_config=DATA, run_dir=run_dir,
+                           resume=resume, real_images=torch.randn(40, 1, 16, 16), real_labels=torch.arange(40) % 10)
+
+
+def all_calibrated(q) -> bool:
+    acts = [m for _, m in iter_quantizers(q) if isinstance(m, ActQuantizer)]
+    return bool(acts) and all(bool(m.initialized) for m in acts)
+
+
+def test_fast_preset_end_to_end_on_a_tiny_model(tmp_path, trained_state):
+    fp, q = tiny_models("w8a8", state=trained_state)
+    events = []
+    summary = run_calibration(fp, q, method="maskaq", config=DFQConfig.from_preset("fast"), data_config=DATA,
+                              run_dir=tmp_path, progress=events.append, save_images=True)
+    assert all_calibrated(q)
+    assert summary["num_images"] == 256 and summary["rounds"] == 1 and summary["resumed"] is False
+    assert set(summary["seconds"]) == {"synthesis", "calibration", "finetune", "total"}
+    assert summary["seconds"]["finetune"] == 0.0  # fast = calibration-only PTQ
+    json.dumps(summary)  # JSON-serializable for the manifest / report
+    # The teacher classifies the synthetic images as their targets (what CE optimizes).
+    images, labels = [], []
+    for f in sorted((tmp_path / "dfq" / "round000").glob("batch*.safetensors")):
+        t = load_file(str(f))
+        images.append(t["images"].float())
+        labels.append(t["labels"])
+    images, labels = torch.cat(images), torch.cat(labels)
+    assert images.shape == (256, 1, 16, 16) and images.dtype == torch.float32
+    lo, hi = -0.1307 / 0.3081, (1 - 0.1307) / 0.3081
+    assert images.min() >= lo - 1e-2 and images.max() <= hi + 1e-2  # clamped to valid pixels (fp16 storage)
+    with torch.no_grad():
+        acc = (fp(images).argmax(1) == labels).float().mean().item()
+        # int8 Q tracks P on the images it was calibrated on: SQNR of the logits
+        p_out, q_out = fp(images), q(images)
+    assert acc >= 0.9
+    sqnr = 20 * torch.log10(p_out.norm() / (p_out - q_out).norm()).item()
+    assert sqnr >= 20.0
+    # progress: stages in order, step <= total, losses reported
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "synthesis" and stages[-1] == "calibration"
+    assert all(0 < e["step"] <= e["total"] for e in events if e["stage"] == "synthesis")
+    assert {"ce", "interhead", "tv", "mask", "entropy", "total"} <= set(events[5]["losses"])
+    png = Path(summary["paths"]["images"][0])
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] >= 16 * 16 and im.mode == "RGB"  # 16 x 16 grid of upscaled images
+
+
+def test_teacher_is_frozen_and_never_receives_gradients():
+    fp, q = tiny_models()
+    fp_before = q_state(fp)
+    teacher = make_teacher(fp, q)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not any(p.data_ptr() == t.data_ptr() for p in teacher.parameters() for t in q.parameters())
+    t_before = q_state(teacher)
+    from calib.calibrate import calibrate_observers
+
+    calibrate_observers(q, lambda m: m(torch.randn(8, 1, 16, 16)))
+    cfg = _Cfg(iterations=3, batch_size=4, epochs=1, ft_batch_size=4)
+    setup = SynthesisSetup(teacher, q, token_layout(teacher), cfg, "maskaq", torch.device("cpu"), (1, 16, 16),
+                           torch.full((1, 1, 1, 1), 0.13), torch.full((1, 1, 1, 1), 0.31), None)
+    q_params_before = q_state(q)
+    imgs, _, _ = synthesize_batch(setup, torch.arange(4), seed=0)
+    assert all(p.grad is None for p in q.parameters())  # Q frozen during synthesis ...
+    assert_same_state(q_params_before, q_state(q))
+    opt = make_optimizer(q, cfg)
+    finetune_epoch(teacher, q, opt, imgs, None, cfg, token_layout(teacher), 0, torch.device("cpu"), None)
+    assert any(p.grad is not None for p in q.parameters())  # ... and trained in fine-tuning
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in fp.parameters())
+    assert_same_state(t_before, q_state(teacher))
+    assert_same_state(fp_before, q_state(fp))
+
+
+def test_same_seed_gives_the_same_model_and_another_seed_does_not(tmp_path):
+    a = tiny_models()
+    run(a, tmp_path / "a")
+    b = tiny_models()
+    run(b, tmp_path / "b")
+    assert_same_state(q_state(a[1]), q_state(b[1]))
+    for f in ("round001/batch00002.safetensors", "finetune.safetensors"):
+        assert torch.equal(load_file(str(tmp_path / "a/dfq" / f))[next(iter(load_file(str(tmp_path / "a/dfq" / f))))],
+                           load_file(str(tmp_path / "b/dfq" / f))[next(iter(load_file(str(tmp_path / "b/dfq" / f))))])
+    c = tiny_models()
+    run(c, tmp_path / "c", seed=1)
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(q_state(a[1])[w], q_state(c[1])[w])
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_dfq import tiny_models, run
+    torch.set_num_threads(1)
+    def slow(event):
+        time.sleep(0.02)  # give the parent time to kill us mid-run
+    fp, q = tiny_models()
+    from calib.dfq import DFQConfig, run_calibration
+    from test_dfq import SMALL, DATA
+    run_calibration(fp, q, method="maskaq", config=DFQConfig(**SMALL), data_config=DATA, run_dir={run_dir!r},
+                    progress=slow)
+""")
+
+
+@pytest.mark.parametrize("trigger", ["round000/batch00001.safetensors", "round001/batch00000.safetensors"],
+                         ids=["during-first-synthesis", "during-refresh"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
+    ref = tiny_models()
+    ref_summary = run(ref, tmp_path / "ref")
+    run_dir = tmp_path / "killed"
+    code = CHILD.format(tests=str(Path(__file__).parent), run_dir=str(run_dir))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    target = run_dir / "dfq" / trigger
+    deadline = time.monotonic() + 120
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"child ended before the kill point: {proc.stdout.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    meta = json.loads((run_dir / "dfq" / "run.json").read_text())
+    assert not meta.get("completed")
+    resumed = tiny_models()
+    summary = run(resumed, run_dir, resume=True)
+    assert summary["resumed"] is True
+    assert_same_state(q_state(ref[1]), q_state(resumed[1]))
+    assert summary["final_losses"]["finetune"] == pytest.approx(ref_summary["final_losses"]["finetune"], rel=0,
+                                                                abs=0)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run(tiny_models(), tmp_path, epochs=0, refresh_every=0)
+    with pytest.raises(ResumeError, match="different config"):
+        run(tiny_models(), tmp_path, resume=True, epochs=0, refresh_every=0, iterations=5)
+    # a completed run resumes to the same model without recomputing
+    a, b = tiny_models(), tiny_models()
+    run(a, tmp_path / "x", epochs=0, refresh_every=0)
+    s = run(b, tmp_path / "x", resume=True, epochs=0, refresh_every=0)
+    assert s["resumed"] and s["seconds"]["calibration"] < 5
+    assert_same_state(q_state(a[1]), q_state(b[1]))
+
+
+@pytest.mark.parametrize("method", ["noise", "psaq", "real"])
+def test_baselines_calibrate_through_the_same_entry(tmp_path, method):
+    fp, q = tiny_models("w8a8")
+    summary = run((fp, q), tmp_path, method=method, epochs=1, refresh_every=0)
+    assert all_calibrated(q)
+    assert summary["method"] == method and summary["num_images"] == 24
+    # noise and psaq are calibration-only whatever the config says; real fine-tunes when asked
+    assert (summary["seconds"]["finetune"] > 0) == (method == "real")
+    assert (summary["rounds"], bool(summary["curves"]["synthesis"])) == \
+        ({"noise": (0, False), "psaq": (1, True), "real": (0, False)}[method])
+    x = torch.randn(16, 1, 16, 16)
+    with torch.no_grad():
+        p, qq = fp(x), q(x)
+    assert 20 * torch.log10(p.norm() / (p - qq).norm()).item() >= 15.0
+
+
+def test_real_method_needs_images(tmp_path):
+    fp, q = tiny_models()
+    from calib.dfq import DFQConfigError
+
+    with pytest.raises(DFQConfigError, match="needs real images"):
+        run_calibration(fp, q, method="real", config=DFQConfig(), data_config=DATA, run_dir=tmp_path)
+    with pytest.raises(DFQConfigError, match="unknown calibration method"):
+        run_calibration(fp, q, method="magic", config=DFQConfig(), data_config=DATA, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["swin", "deit_distilled", "avgpool"])
+def test_other_token_layouts_run(tmp_path, arch):
+    import timm
+
+    name, kw = {
+        "swin": ("swin_tiny_patch4_window7_224", {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16,
+                                                      "depths": (1, 1), "num_heads": (1, 2)}),
+        "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": 16,
+                                                                   "depth": 1, "num_heads": 2}),
+        "avgpool": ("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2,
+                                                 "class_token": False, "global_pool": "avg"}),
+    }[arch]
+    torch.manual_seed(0)
+    fp = timm.create_model(name, pretrained=False, in_chans=1, num_classes=10, **kw).eval()
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES["w4a8"])
+    lay = token_layout(fp)
+    assert (lay.num_prefix, lay.has_cls, lay.windowed) == {
+        "swin": (0, False, True), "deit_distilled": (2, True, False), "avgpool": (0, False, False)}[arch]
+    s = run_calibration(fp, q, method="maskaq", config=DFQConfig(**{**SMALL, "epochs": 1, "refresh_every": 0}),
+                        data_config=DATA, run_dir=tmp_path)
+    losses = s["final_losses"]["synthesis"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert {"ce", "interhead", "mask", "entropy", "tv"} <= set(losses)
+    assert all_calibrated(q)

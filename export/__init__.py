@@ -8,6 +8,7 @@ import importlib
 _LAZY = {
     # errors
     "ExportError": "export.errors",
+    "ExportInputError": "export.errors",
     "UnsupportedOpError": "export.errors",
     "UnsupportedModelError": "export.errors",
     "TargetError": "export.errors",

@@ -9,21 +9,25 @@ class ExportError(Exception):
     """The model cannot be exported as asked (the exporter failed, or the result would be wrong)."""
 
 
-class UnsupportedOpError(ExportError):
+class ExportInputError(ExportError):
+    """What was given cannot be exported or read as asked (a usage error, not a failure of the tool)."""
+
+
+class UnsupportedOpError(ExportInputError):
     """A quantized tensor feeds an ONNX op (or an input of it) that has no Q/DQ rule in export/registry.py."""
 
 
-class UnsupportedModelError(ExportError, TypeError):
+class UnsupportedModelError(ExportInputError, TypeError):
     """The object is not a model this exporter handles (not an nn.Module, or no quantizers for a QDQ export)."""
 
 
-class TargetError(ExportError, ValueError):
+class TargetError(ExportInputError, ValueError):
     """The recipe cannot be expressed for the requested flavour/target (e.g. W4A8 for TensorRT)."""
 
 
-class OnnxFileError(ExportError):
+class OnnxFileError(ExportInputError):
     """A file given as an ONNX model is missing, or is not an ONNX model."""
 
 
-class NoQDQError(ExportError):
+class NoQDQError(ExportInputError):
     """The ONNX graph has no QuantizeLinear / DequantizeLinear (or packed INT4) nodes: it is a float model."""

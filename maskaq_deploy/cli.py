@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -117,6 +118,36 @@ def calib_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def gate_options(f):
+    opts = [
+        click.option("--max-drop", type=float, default=None,
+                     help="Fail (exit 4) when top-1 drops more than this many points vs full precision."),
+        click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+                     help="A previous report.json of the same model and recipe to compare against."),
+        click.option("--max-regression", type=float, default=None,
+                     help="Fail (exit 4) when top-1 is this many points below the --baseline's."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _finish(run, report: dict, limits) -> None:
+    """Gate + report.json/md/html; prints the gate's lines and exits 4 on a breach."""
+    from maskaq_deploy.errors import EXIT_GATE
+    from maskaq_deploy.report import finish_report
+
+    done = finish_report(run, report, limits=limits, command=" ".join(["maskaq-deploy", *sys.argv[1:]]))
+    click.echo(f"reports: {done.md_path}, {done.html_path}")
+    if limits is not None and limits.active:
+        for line in done.gate.lines():
+            click.echo(line, err=not done.gate.passed)
+        if not done.gate.passed:
+            click.echo(f"gate breached: {len(done.gate.breached)} check(s) failed", err=True)
+            sys.exit(EXIT_GATE)
+        click.echo(f"gate passed: {len(done.gate.checks)} check(s)")
 
 
 def resolve_configs(kw: dict):
@@ -238,14 +269,18 @@ def calibrate(out, force, quiet, resume, **kw):
               help="The .onnx or .engine to run instead of the one in RUN.")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
 @click.option("--batch-size", type=int, default=256)
-def verify(run, val_data, runtime, artifact, limit, batch_size):
+@gate_options
+def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
+    from maskaq_deploy.gate import thresholds
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
+    limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
     report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
     _print_report(report)
+    _finish(run, report, limits)
 
 
 @cli.command()
@@ -260,19 +295,27 @@ def verify(run, val_data, runtime, artifact, limit, batch_size):
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--bundle-only", is_flag=True,
               help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
-def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bundle_only, **kw):
+@gate_options
+def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bundle_only, max_drop, baseline,
+          max_regression, **kw):
     """Calibrate -> export -> verify (-> TensorRT bundle and engine): the whole chain on one model.
 
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
+    from calib import get_recipe
+
+    from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
 
     _setup_logging(quiet)
+    limits = thresholds(max_drop, baseline, max_regression)
     model_cfg, calib_cfg = resolve_configs(kw)
+    precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     with _ProgressView(quiet) as view:
         result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
                            dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
+    _finish(out, result.report, limits)
     if result.engine_missing_reason:
         from maskaq_deploy.errors import EXIT_NO_ENGINE
 
@@ -361,6 +404,35 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
         table.add_row(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['throughput']:.1f}")
     Console().print(table)
+    if Path(artifact).is_dir():  # a run directory: the next report shows this latency table
+        from maskaq_deploy.report import record_latency
+
+        record_latency(artifact, rows)
+
+
+@cli.command("sensitivity")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Top-1 budget (points vs FP) the suggested --keep-fp list should meet.")
+@click.option("--limit", type=int, default=None, help="Use at most this many validation images.")
+def sensitivity_cmd(run, val_data, max_drop, limit):
+    """Per-layer sensitivity of RUN (output SQNR vs FP, worst first) and a --keep-fp list meeting --max-drop."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from maskaq_deploy.sensitivity import TABLE_COLUMNS, analyze, summary_lines, table_rows
+
+    _setup_logging()
+    result = analyze(run, val_data, max_drop=max_drop, limit=limit)
+    table = Table(title=f"per-layer sensitivity of {run} ({result['recipe']})")
+    for col in TABLE_COLUMNS:
+        table.add_column(col)
+    for row in table_rows(result["rows"]):
+        table.add_row(*row)
+    Console().print(table)
+    for line in summary_lines(result):
+        click.echo(line)
 
 
 def _ints_list(value: str, what: str) -> list[int]:

@@ -3,7 +3,7 @@
 from runtimes.base import Backend
 from runtimes.errors import BackendError, BackendUnavailable
 from runtimes.compare import compare_logits, sqnr_db
-from runtimes.bench import benchmark, time_runs
+from runtimes.bench import benchmark, benchmark_interleaved, time_runs
 from runtimes.ort_backend import OrtBackend, available_providers
 from runtimes.torch_backend import TorchBackend
 
@@ -14,6 +14,7 @@ __all__ = [
     "compare_logits",
     "sqnr_db",
     "benchmark",
+    "benchmark_interleaved",
     "time_runs",
     "OrtBackend",
     "available_providers",

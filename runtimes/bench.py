@@ -56,3 +56,35 @@ def benchmark(make_backend: Callable[[int, int], Backend], input_shape, *, batch
                 times = time_runs(backend, x, warmup=warmup, iterations=iterations)
             rows.append({"label": label, "batch": b, "threads": t, **summarize(times, b)})
     return rows
+
+
+def benchmark_interleaved(make_backends: dict, input_shape, *, batch_sizes=(1, 8), threads=(1,), warmup: int = 5,
+                          iterations: int = 30, seed: int = 0) -> list[dict]:
+    """Like ``benchmark`` for several backends at once, timing them round-robin (one run of each in turn).
+
+    On a shared machine whose load drifts, every variant then sees the same conditions, so their ratios stay
+    meaningful even when the absolute numbers do not. ``make_backends``: {label: make_backend(batch, threads)}.
+    """
+    input_shape = tuple(int(v) for v in input_shape)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in threads:
+        for b in batch_sizes:
+            x = rng.standard_normal((b, *input_shape)).astype(np.float32)
+            opened = {}
+            try:
+                for label, make in make_backends.items():
+                    opened[label] = make(b, t).__enter__()
+                    for _ in range(warmup):
+                        opened[label].run(x)
+                times = {label: [] for label in opened}
+                for _ in range(iterations):
+                    for label, backend in opened.items():
+                        t0 = time.perf_counter()
+                        backend.run(x)
+                        times[label].append((time.perf_counter() - t0) * 1000.0)
+            finally:
+                for backend in opened.values():
+                    backend.__exit__(None, None, None)
+            rows += [{"label": label, "batch": b, "threads": t, **summarize(ts, b)} for label, ts in times.items()]
+    return rows

@@ -39,7 +39,7 @@ def test_calibrate_then_verify_writes_checkpoint_and_report(files, tmp_path):
     r = invoke("calibrate", *MODEL, "--checkpoint", files / "ck.pth", "--method", "real", "--recipe", "w8a8",
                "--calib-data", files / "data.npz", "--out", run)
     assert r.exit_code == 0, r.output
-    assert {p.name for p in run.iterdir()} == {"model.safetensors", "quant.safetensors", "manifest.json"}
+    assert {"model.safetensors", "quant.safetensors", "manifest.json"} <= {p.name for p in run.iterdir()}
     r = invoke("verify", run, "--val-data", files / "data.npz")
     assert r.exit_code == 0, r.output
     report = json.loads((run / "report.json").read_text())

@@ -272,3 +272,52 @@ def test_benchmark_rows(out_dir):
                      warmup=1, iterations=3, label="w8a8")
     assert len(rows) == 1 and rows[0]["batch"] == BATCH and rows[0]["iterations"] == 3
     assert rows[0]["p90_ms"] >= rows[0]["median_ms"] > 0 and rows[0]["throughput_ips"] > 0
+
+
+# ---- the embedded MNIST model, calibrated on its real calibration images -----------------------------------
+
+EMBEDDED = __import__("pathlib").Path(__file__).resolve().parents[2] / "maskaq_deploy" / "assets" / "embedded"
+
+
+@functools.lru_cache(maxsize=None)
+def embedded_model_and_data():
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    model = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["model_kwargs"]).eval()
+    model.load_state_dict(load_file(EMBEDDED / "model.safetensors"))
+
+    def normalize(name, n):
+        d = np.load(EMBEDDED / name)
+        x = (d["images"][:n].astype(np.float32) / 255.0 - cfg["mean"][0]) / cfg["std"][0]
+        return x[:, None], d["labels"][:n]
+
+    return model, normalize("mnist_calib.npz", 512), normalize("mnist_test.npz", 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EMBEDDED / "model.safetensors").is_file(), reason="the embedded model is not installed")
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16"])
+def test_embedded_model_both_flavours(tmp_path, recipe):
+    """The done-when bounds on 1000 test images: >= 99.5% top-1 agreement and >= 30 dB logits SQNR, and a
+    TensorRT-conformant tensorrt flavour."""
+    import copy
+
+    base, (xc, _), (xt, yt) = embedded_model_and_data()
+    model = copy.deepcopy(base)
+    attach_quantizers(model, get_recipe(recipe))
+    calibrate_observers(model, batches_forward_loop([torch.from_numpy(xc[i:i + 64]) for i in range(0, len(xc), 64)]))
+    marks = trace_quantized(model, default_options(model, batch_size=50))
+    with TorchBackend(model) as ref:
+        ref_logits = ref.run(xt)
+    assert (ref_logits.argmax(1) == yt).mean() >= 0.95  # the fake-quant model itself still reads digits
+    for flavour in ("onnxruntime", "tensorrt"):
+        path = write_qdq(marks, tmp_path / f"{flavour}.onnx", flavour).path
+        with OrtBackend(path, threads=2) as rt:
+            m = compare_logits(ref_logits, rt.run(xt))
+        assert m["top1_agreement"] >= 0.995 and m["sqnr_db"] >= 30.0, (flavour, m)
+        assert [v for v in check_onnxruntime(path) if v.severity == "error"] == []
+        if flavour == "tensorrt":
+            assert check_tensorrt(path) == []

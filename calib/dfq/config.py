@@ -167,7 +167,7 @@ class DFQConfig:
 SHORT_SCHEDULE_AUGMENT = {"affine_mean": 0.2, "affine_std": 0.2, "noise_std": 0.1}
 PRESETS: dict[str, dict] = {
     "fast": dict(num_images=256, batch_size=64, iterations=100, epochs=0, **SHORT_SCHEDULE_AUGMENT),
-    "standard": dict(num_images=256, batch_size=64, iterations=150, epochs=6, refresh_every=3, ft_batch_size=32,
+    "standard": dict(num_images=256, batch_size=64, iterations=100, epochs=6, refresh_every=3, ft_batch_size=32,
                      ft_lr=1e-3, **SHORT_SCHEDULE_AUGMENT),
     "paper": dict(num_images=10000, batch_size=16, iterations=2000, epochs=200, ft_batch_size=16,
                   refresh_every=30, calib_batch_size=32),

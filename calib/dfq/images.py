@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 
-def save_image_grid(images: torch.Tensor, path, mean, std, max_images: int = 64, pad: int = 2, min_cell: int = 64) -> Path:
+def save_image_grid(images: torch.Tensor, path, mean, std, max_images: int = 64, pad: int = 2,
+                    min_cell: int = 64) -> Path:
     """Write up to ``max_images`` normalized images [N, C, H, W] as one PNG grid (denormalized with
     ``mean``/``std``, upscaled with nearest neighbour so small images stay visible). Returns the path."""
     from PIL import Image

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Top-1 of the embedded MNIST ViT quantized with each calibration method, on the 10k test images.
+
+    python benchmarks/dfq_accuracy.py                                  # everything (hours on 2 CPU cores)
+    python benchmarks/dfq_accuracy.py --recipes w4a4,w3a3 --methods noise,psaq,maskaq-fast --seeds 0
+    python benchmarks/dfq_accuracy.py --ablation --recipes w4a4 --seeds 0,1,2
+    python benchmarks/dfq_accuracy.py --table                          # print what is saved so far
+    python benchmarks/dfq_accuracy.py --quick                          # tiny settings: checks the script
+
+Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images, calibration only);
+maskaq-std uses ``standard`` (fine-tuning with refresh); real / real-std calibrate (and fine-tune) on real
+training images from ``mnist_calib.npz`` with the fast / standard preset. ``--ablation`` adds maskaq-std with
+one synthesis loss term (CE, inter-head SSIM, TV, mask alignment, entropy) or the refresh switched off.
+Every finished (recipe, method, seed) is saved at once into the JSON (``--out``), which several processes
+may share; a rerun skips what is there and resumes an interrupted run from its checkpoint in ``--workdir``.
+Cells are mean +- std over seeds of top-1 (%) and the mean calibration wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("MASKAQ_EMBEDDED_DIR", ROOT / "maskaq_deploy" / "assets" / "embedded"))
+RECIPES = ("w8a8", "w4a8", "w4a4", "w3a3")
+METHODS = {  # name: (calibration method, preset, config overrides)
+    "noise": ("noise", "fast", {}),
+    "psaq": ("psaq", "fast", {}),
+    "maskaq-fast": ("maskaq", "fast", {}),
+    "maskaq-std": ("maskaq", "standard", {}),
+    "real": ("real", "fast", {}),
+    "real-std": ("real", "standard", {}),
+}
+ABLATIONS = {
+    "abl-no-ce": ("maskaq", "standard", {"w_ce": 0.0}),
+    "abl-no-interhead": ("maskaq", "standard", {"w_interhead": 0.0}),
+    "abl-no-tv": ("maskaq", "standard", {"w_tv": 0.0}),
+    "abl-no-mask": ("maskaq", "standard", {"w_mask": 0.0}),
+    "abl-no-entropy": ("maskaq", "standard", {"w_entropy": 0.0}),
+    "abl-no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
+}
+QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
+
+
+def load_embedded(device):
+    import timm
+    from safetensors.torch import load_file
+
+    cfg = json.loads((ASSETS / "config.json").read_text())
+    model = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["model_kwargs"])
+    model.load_state_dict(load_file(str(ASSETS / "model.safetensors")))
+    model.to(device).eval()
+    data = {"mean": cfg["mean"], "std": cfg["std"], "input_size": cfg["input_size"]}
+    return model, data, cfg
+
+
+def load_npz(name: str, data: dict):
+    z = np.load(ASSETS / name)
+    x = torch.from_numpy(z["images"]).float().div(255.0).unsqueeze(1)
+    mean = torch.tensor(data["mean"]).reshape(1, -1, 1, 1)
+    std = torch.tensor(data["std"]).reshape(1, -1, 1, 1)
+    return (x - mean) / std, torch.from_numpy(z["labels"]).long()
+
+
+@torch.no_grad()
+def top1(model, images, labels, device, batch: int = 1000) -> float:
+    correct = 0
+    for i in range(0, len(images), batch):
+        correct += (model(images[i:i + batch].to(device)).argmax(1).cpu() == labels[i:i + batch]).sum().item()
+    return 100.0 * correct / len(images)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
+    from calib.checkpoint import atomic_write_json
+
+    with locked(path):
+        res = read_results(path)
+        res.setdefault("meta", {}).update(meta)
+        res["runs"][key] = value
+        atomic_write_json(path, res)
+
+
+def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real, device) -> dict:
+    from calib import RECIPES as ALL_RECIPES
+    from calib import attach_quantizers
+    from calib.dfq import DFQConfig, run_calibration
+
+    method, preset, overrides = spec
+    overrides = {**overrides, **(QUICK if args.quick else {})}
+    if args.quick and preset == "standard":
+        overrides.update(epochs=2, refresh_every=0 if overrides.get("refresh_every") == 0 else 1)
+    config = DFQConfig.from_preset(preset, seed=seed, **overrides)
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, ALL_RECIPES[recipe])
+    run_dir = Path(args.workdir) / ("quick" if args.quick else "full") / recipe / name / f"seed{seed}"
+    last = {"t": 0.0}
+
+    def progress(event):
+        if not args.verbose or time.monotonic() - last["t"] < 30:
+            return
+        last["t"] = time.monotonic()
+        losses = " ".join(f"{k} {v:.3g}" for k, v in event.get("losses", {}).items())
+        print(f"    {event['stage']} {event['step']}/{event['total']} {losses}", flush=True)
+
+    summary = run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
+                              real_images=real[0], real_labels=real[1], resume=True, device=device,
+                              progress=progress)
+    acc = top1(q, test[0], test[1], device)
+    return {"recipe": recipe, "method": name, "seed": seed, "top1": acc,
+            "seconds": summary["seconds"]["total"], "stage_seconds": summary["seconds"],
+            "resumed": summary["resumed"], "final_losses": summary["final_losses"],
+            "curves": summary["curves"], "config": summary["config"]}
+
+
+def fmt_cell(rows: list[dict]) -> str:
+    if not rows:
+        return "-"
+    accs = [r["top1"] for r in rows]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    secs = statistics.mean(r["seconds"] for r in rows)
+    n = f" n={len(rows)}" if len(rows) < 3 else ""
+    return f"{statistics.mean(accs):.2f} ± {sd:.2f} ({secs:.0f} s{n})"
+
+
+def print_tables(res: dict) -> None:
+    runs = list(res.get("runs", {}).values())
+    meta = res.get("meta", {})
+    print(f"\nEmbedded MNIST ViT, top-1 (%) on {meta.get('test_images', '?')} test images, mean ± std over "
+          f"seeds (calibration wall time, {meta.get('threads', '?')} thread(s)); FP {meta.get('fp_top1', '?')}")
+
+    def table(cols, title):
+        present = [c for c in cols if any(r["method"] == c for r in runs)]
+        if not present:
+            return
+        print(f"\n{title}\n")
+        print("| recipe | " + " | ".join(present) + " |")
+        print("|---|" + "---|" * len(present))
+        for recipe in RECIPES:
+            cells = [fmt_cell([r for r in runs if r["recipe"] == recipe and r["method"] == c]) for c in present]
+            if any(c != "-" for c in cells):
+                print(f"| {recipe} | " + " | ".join(cells) + " |")
+
+    table(list(METHODS), "Methods")
+    table(["maskaq-std", *ABLATIONS], "Ablation of maskaq-std (one part switched off)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ablation", action="store_true", help="also run the ablation (w4a4 and w3a3 by default)")
+    ap.add_argument("--ablation-recipes", default="w4a4,w3a3")
+    ap.add_argument("--quick", action="store_true", help="tiny settings and 2000 test images (checks the script)")
+    ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_quick].json)")
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "dfq_accuracy"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--table", action="store_true", help="only print the saved results")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out or ROOT / "runs" / f"dfq_accuracy{'_quick' if args.quick else ''}.json")
+    if args.table:
+        print_tables(read_results(out))
+        return
+    if not (ASSETS / "model.safetensors").is_file():
+        sys.exit(f"the embedded model is missing: {ASSETS}/model.safetensors")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fp, data, _cfg = load_embedded(device)
+    test = load_npz("mnist_test.npz", data)
+    if args.quick:
+        test = (test[0][:2000], test[1][:2000])
+    real = load_npz("mnist_calib.npz", data)
+    fp_acc = top1(fp, test[0], test[1], device)
+    meta = {"fp_top1": round(fp_acc, 2), "test_images": len(test[0]), "threads": args.threads,
+            "device": args.device, "torch": torch.__version__, "quick": args.quick}
+    print(f"FP top-1 {fp_acc:.2f} % on {len(test[0])} test images", flush=True)
+
+    jobs = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for recipe in args.recipes.split(","):
+        for name in args.methods.split(","):
+            if name not in METHODS:
+                sys.exit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            jobs += [(recipe, name, METHODS[name], s) for s in seeds]
+    if args.ablation:
+        for recipe in args.ablation_recipes.split(","):
+            for name, spec in ABLATIONS.items():
+                jobs += [(recipe, name, spec, s) for s in seeds]
+    for recipe, name, spec, seed in jobs:
+        key = f"{recipe}/{name}/seed{seed}"
+        if key in read_results(out).get("runs", {}):
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+        result = run_one(name, spec, recipe, seed, args, fp, data, test, real, device)
+        save_result(out, key, result, meta)
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: top-1 {result['top1']:.2f} in {result['seconds']:.0f} s",
+              flush=True)
+    print_tables(read_results(out))
+
+
+if __name__ == "__main__":
+    main()

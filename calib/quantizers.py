@@ -26,9 +26,50 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
-    return (x - x * factor).detach() + x * factor
+class _LSQFakeQuant(torch.autograd.Function):
+    """Fake quantization with LSQ gradients in one autograd node.
+
+    Written out as ``round_ste``/``clamp``/multiply it is about ten autograd nodes per quantizer, each saving
+    a full-size tensor. Here the forward keeps a boolean "in range" mask (plus the input and output, only when
+    the scale is trained), and the backward is two or three element-wise ops. Gradients (straight-through):
+    d/dx = 1 where the rounded code lies on the grid, 0 where it was clipped; d/dscale = round(x/s) - x/s where
+    it lies on the grid and the clipped code (minus zp) elsewhere, i.e. (out - x * in_range) / s, times
+    ``grad_factor`` (LSQ's step-size gradient scale), summed to the scale's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
+        code = torch.round(x / scale)
+        if zero_point is not None:
+            code.add_(zero_point)
+        q = torch.clamp(code, qmin, qmax)
+        in_range = q.eq(code) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        if zero_point is not None:
+            q.sub_(zero_point)
+        out = q.mul_(scale)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(in_range, x, out, scale)
+        else:
+            ctx.save_for_backward(in_range)
+        ctx.grad_factor = grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_range = ctx.saved_tensors[0]
+        grad_x = grad * in_range
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            _, x, out, scale = ctx.saved_tensors
+            grad_s = (grad * out - grad_x * x).sum_to_size(scale.shape) / scale * ctx.grad_factor
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
+                   grad_factor: float = 1.0) -> torch.Tensor:
+    """``fake_quant`` (same values) whose scale gradient is LSQ's, scaled by ``grad_factor``; the training
+    path. ``zero_point=None`` for a symmetric grid saves two passes over the tensor."""
+    return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -117,8 +158,7 @@ class WeightQuantizer(nn.Module):
             self.init_from(w)
         wb, pad = self._blocked(w)
         g = 1.0 / math.sqrt(wb[0].numel() * self.qmax)
-        s = scale_grad(self._scale_view(), g)
-        wq = fake_quant(wb, s, torch.zeros((), device=w.device), self.qmin, self.qmax)
+        wq = lsq_fake_quant(wb, self._scale_view().to(wb.dtype), None, self.qmin, self.qmax, g)
         wq = wq.reshape(w.shape[0], -1)
         if pad:
             wq = wq[:, :-pad]
@@ -199,8 +239,9 @@ class ActQuantizer(nn.Module):
         if not bool(self.initialized):
             raise RuntimeError("activation quantizer used before calibration; run calibrate_observers first")
         g = 1.0 / math.sqrt(x[0].numel() * max(self.qmax, 1))
-        s = scale_grad(self.scale, g).clamp_min(1e-8)
-        return fake_quant(x, s.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+        s = self.scale.clamp_min(1e-8).to(x.dtype)
+        zp = None if self.symmetric else self.zero_point.to(x.dtype)
+        return lsq_fake_quant(x, s, zp, self.qmin, self.qmax, g)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"

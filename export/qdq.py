@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,20 +122,13 @@ class WeightParams:
         return (c * s).reshape(self.codes.shape)
 
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    from calib.quantizers import scale_grad
-
-    return scale_grad(x, factor)
-
-
 @torch.no_grad()
 def act_params(name: str, q, sample_numel: int) -> ActParams:
     """The activation grid torch applies to a tensor of ``sample_numel`` elements per sample."""
     if not bool(q.initialized) or q.calibrating:
         raise ExportError(f"activation quantizer {name} is not calibrated; run calibrate_observers first")
-    # ActQuantizer.forward: s = scale_grad(scale, 1/sqrt(numel * qmax)).clamp_min(1e-8)
-    g = 1.0 / math.sqrt(sample_numel * max(q.qmax, 1))
-    s = _scale_grad(q.scale.detach().float().cpu(), g).clamp_min(1e-8)
+    # ActQuantizer.forward uses scale.clamp_min(1e-8) as the step
+    s = q.scale.detach().float().cpu().clamp_min(1e-8)
     zp = float(q.zero_point)
     if zp != round(zp):
         raise ExportError(f"activation quantizer {name} has a non-integer zero point {zp}")
@@ -173,9 +165,8 @@ def weight_params(name: str, q, weight: torch.Tensor) -> WeightParams:
     else:
         pad = (-k) % q.block_size
         wb = torch.nn.functional.pad(w2, (0, pad)).reshape(out, -1, q.block_size)
-    # WeightQuantizer.forward: s = scale_grad(scale viewed [out, groups, 1], 1/sqrt(numel(wb[0]) * qmax))
-    g = 1.0 / math.sqrt(wb[0].numel() * q.qmax)
-    s = _scale_grad(q.scale.detach().float().cpu().reshape(out, -1, 1), g)
+    # WeightQuantizer.forward uses the scale viewed [out, groups, 1] as the step
+    s = q.scale.detach().float().cpu().reshape(out, -1, 1)
     codes = torch.clamp(torch.round(wb / s), q.qmin, q.qmax).reshape(out, -1)
     if pad:
         codes = codes[:, :-pad]

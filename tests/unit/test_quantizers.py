@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calib.observers import MSEObserver, Observer, PercentileObserver
-from calib.quantizers import ActQuantizer, WeightQuantizer, fake_quant, round_ste
+from calib.quantizers import ActQuantizer, WeightQuantizer, fake_quant, lsq_fake_quant, round_ste
 
 
 def test_round_ste_rounds_forward_and_passes_gradient():
@@ -21,6 +21,47 @@ def test_fake_quant_clamps_and_blocks_gradient_of_clipped_values():
     assert y.tolist() == [-4.0, -0.5, 0.0, 0.5, 3.5]
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("zero_point,qmin,qmax", [(0.0, -8, 7), (3.0, 0, 15)])
+def test_lsq_gradients_follow_the_lsq_definition(zero_point, qmin, qmax):
+    # x / s chosen around both ends of the grid; straight-through LSQ: d/dx = 1 where round(x/s) + zp lies in
+    # [qmin, qmax], 0 where clipped; d/ds = round(v) - v there, the clipped code (minus zp) elsewhere; times g.
+    v = torch.tensor([-11.2, -7.5, -1.6705, 0.3, 6.9, 7.4, 8.2, 12.6])
+    s, g = 0.5, 0.25
+    x = (v * s).requires_grad_(True)
+    scale = torch.tensor(s, requires_grad=True)
+    y = lsq_fake_quant(x, scale, torch.tensor(zero_point), qmin, qmax, g)
+    y.sum().backward()
+    shifted = torch.round(v) + zero_point
+    inside = (shifted >= qmin) & (shifted <= qmax)
+    codes = torch.clamp(torch.round(v) + zero_point, qmin, qmax)
+    assert torch.allclose(y.detach(), (codes - zero_point) * s)
+    # bit-identical to the plain fake_quant (what export mirrors), with and without a zero point tensor
+    assert torch.equal(y.detach(), fake_quant(x.detach(), torch.tensor(s), torch.tensor(zero_point), qmin, qmax))
+    if zero_point == 0.0:
+        assert torch.equal(y.detach(), lsq_fake_quant(x.detach(), torch.tensor(s), None, qmin, qmax))
+    assert x.grad.tolist() == inside.float().tolist()
+    expected_ds = torch.where(inside, torch.round(v) - v, codes - zero_point).sum() * g
+    assert scale.grad.item() == pytest.approx(expected_ds.item(), rel=1e-5)
+
+
+def test_fused_lsq_sums_the_scale_gradient_to_per_channel_shape():
+    x = torch.randn(6, 20) * 3
+    scale = (torch.rand(6, 1) * 0.4 + 0.3).requires_grad_(True)
+    lsq_fake_quant(x, scale, torch.tensor(0.0), -8, 7, 1.0).sum().backward()
+    assert scale.grad.shape == (6, 1)
+    v = x / scale.detach()
+    inside = (v.round() >= -8) & (v.round() <= 7)
+    expected = torch.where(inside, v.round() - v, v.round().clamp(-8, 7)).sum(1, keepdim=True)
+    assert torch.allclose(scale.grad, expected, atol=1e-5)
+
+
+def test_fused_lsq_computes_no_scale_gradient_when_the_scale_is_frozen():
+    x = torch.randn(4, 8, requires_grad=True)
+    s = torch.tensor(0.5)
+    lsq_fake_quant(x, s, None, -8, 7, 1.0).sum().backward()
+    assert x.grad is not None and s.grad is None
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -9,11 +9,14 @@
 
 Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images, calibration only);
 maskaq-std uses ``standard`` (fine-tuning with refresh); real / real-std calibrate (and fine-tune) on real
-training images from ``mnist_calib.npz`` with the fast / standard preset. ``--ablation`` adds maskaq-std with
-one synthesis loss term (CE, inter-head SSIM, TV, mask alignment, entropy) or the refresh switched off.
-Every finished (recipe, method, seed) is saved at once into the JSON (``--out``), which several processes
-may share; a rerun skips what is there and resumes an interrupted run from its checkpoint in ``--workdir``.
-Cells are mean +- std over seeds of top-1 (%) and the mean calibration wall time.
+training images from ``mnist_calib.npz`` with the fast / standard preset. ``--ablation`` adds maskaq-fast with
+one synthesis loss term (CE, inter-head SSIM, TV, mask alignment, entropy) switched off, and maskaq-std
+without the refresh.
+Every finished (recipe, method, seed) is saved at once into the JSON (``--out``). Several processes may
+share it (start the same command twice to use two cores): each claims the next job nobody runs; a rerun
+skips what is there and resumes an interrupted run from its checkpoint in ``--workdir``.
+Cells are mean +- std over seeds of top-1 (%) and the mean calibration wall time; a second table gives the
+mean process CPU time, which does not depend on how busy the machine was (at 1 thread, the idle wall time).
 """
 
 from __future__ import annotations
@@ -43,13 +46,15 @@ METHODS = {  # name: (calibration method, preset, config overrides)
     "real": ("real", "fast", {}),
     "real-std": ("real", "standard", {}),
 }
+# A synthesis loss term is ablated on maskaq-fast (the images are all that term changes, and calibration-only
+# runs cost half a standard run); the refresh is ablated on maskaq-std, the preset that refreshes.
 ABLATIONS = {
-    "abl-no-ce": ("maskaq", "standard", {"w_ce": 0.0}),
-    "abl-no-interhead": ("maskaq", "standard", {"w_interhead": 0.0}),
-    "abl-no-tv": ("maskaq", "standard", {"w_tv": 0.0}),
-    "abl-no-mask": ("maskaq", "standard", {"w_mask": 0.0}),
-    "abl-no-entropy": ("maskaq", "standard", {"w_entropy": 0.0}),
-    "abl-no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
+    "no-ce": ("maskaq", "fast", {"w_ce": 0.0}),
+    "no-interhead": ("maskaq", "fast", {"w_interhead": 0.0}),
+    "no-tv": ("maskaq", "fast", {"w_tv": 0.0}),
+    "no-mask": ("maskaq", "fast", {"w_mask": 0.0}),
+    "no-entropy": ("maskaq", "fast", {"w_entropy": 0.0}),
+    "no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
 }
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
 
@@ -104,7 +109,28 @@ def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
         res = read_results(path)
         res.setdefault("meta", {}).update(meta)
         res["runs"][key] = value
+        res.get("claims", {}).pop(key, None)
         atomic_write_json(path, res)
+
+
+def claim(path: Path, key: str) -> bool:
+    """Claim ``key`` for this process unless it is done or a live process holds it."""
+    with locked(path):
+        res = read_results(path)
+        if key in res.get("runs", {}):
+            return False
+        owner = res.get("claims", {}).get(key)
+        if owner and owner != os.getpid():
+            try:
+                os.kill(owner, 0)
+                return False
+            except ProcessLookupError:
+                pass
+        res.setdefault("claims", {})[key] = os.getpid()
+        from calib.checkpoint import atomic_write_json
+
+        atomic_write_json(path, res)
+        return True
 
 
 def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real, device) -> dict:
@@ -129,12 +155,15 @@ def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real,
         losses = " ".join(f"{k} {v:.3g}" for k, v in event.get("losses", {}).items())
         print(f"    {event['stage']} {event['step']}/{event['total']} {losses}", flush=True)
 
+    cpu0 = time.process_time()
     summary = run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
                               real_images=real[0], real_labels=real[1], resume=True, device=device,
                               progress=progress)
+    cpu_seconds = time.process_time() - cpu0
     acc = top1(q, test[0], test[1], device)
     return {"recipe": recipe, "method": name, "seed": seed, "top1": acc,
-            "seconds": summary["seconds"]["total"], "stage_seconds": summary["seconds"],
+            "seconds": summary["seconds"]["total"], "cpu_seconds": cpu_seconds,
+            "stage_seconds": summary["seconds"],
             "resumed": summary["resumed"], "final_losses": summary["final_losses"],
             "curves": summary["curves"], "config": summary["config"]}
 
@@ -155,20 +184,33 @@ def print_tables(res: dict) -> None:
     print(f"\nEmbedded MNIST ViT, top-1 (%) on {meta.get('test_images', '?')} test images, mean ± std over "
           f"seeds (calibration wall time, {meta.get('threads', '?')} thread(s)); FP {meta.get('fp_top1', '?')}")
 
-    def table(cols, title):
-        present = [c for c in cols if any(r["method"] == c for r in runs)]
+    def table(cols, title, seeds=None):
+        rows = [r for r in runs if seeds is None or r["seed"] in seeds]
+        present = [c for c in cols if any(r["method"] == c for r in rows)]
         if not present:
             return
         print(f"\n{title}\n")
         print("| recipe | " + " | ".join(present) + " |")
         print("|---|" + "---|" * len(present))
         for recipe in RECIPES:
-            cells = [fmt_cell([r for r in runs if r["recipe"] == recipe and r["method"] == c]) for c in present]
+            cells = [fmt_cell([r for r in rows if r["recipe"] == recipe and r["method"] == c]) for c in present]
             if any(c != "-" for c in cells):
                 print(f"| {recipe} | " + " | ".join(cells) + " |")
 
     table(list(METHODS), "Methods")
-    table(["maskaq-std", *ABLATIONS], "Ablation of maskaq-std (one part switched off)")
+    abl_seeds = {r["seed"] for r in runs if r["method"] in ABLATIONS}
+    table(["maskaq-fast", *list(ABLATIONS)[:-1], "maskaq-std", "no-refresh"],
+          f"Ablation (seeds {sorted(abl_seeds)}): one synthesis loss term switched off (against maskaq-fast), "
+          "the refresh switched off (against maskaq-std)", abl_seeds)
+    cpu = {}
+    for r in runs:
+        if "cpu_seconds" in r:
+            cpu.setdefault(r["method"], []).append(r["cpu_seconds"])
+    if cpu:
+        print("\nMean CPU seconds per calibration (all recipes and seeds)\n")
+        print("| " + " | ".join(cpu) + " |")
+        print("|" + "---|" * len(cpu))
+        print("| " + " | ".join(f"{statistics.mean(v):.0f}" for v in cpu.values()) + " |")
 
 
 def main():
@@ -178,6 +220,7 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ablation", action="store_true", help="also run the ablation (w4a4 and w3a3 by default)")
     ap.add_argument("--ablation-recipes", default="w4a4,w3a3")
+    ap.add_argument("--ablation-seeds", default="0")
     ap.add_argument("--quick", action="store_true", help="tiny settings and 2000 test images (checks the script)")
     ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_quick].json)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "dfq_accuracy"))
@@ -204,20 +247,21 @@ def main():
             "device": args.device, "torch": torch.__version__, "quick": args.quick}
     print(f"FP top-1 {fp_acc:.2f} % on {len(test[0])} test images", flush=True)
 
+    # Seed by seed, so that a partial run already has every cell; the ablation after the first seed.
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            sys.exit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    abl_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation else []
     jobs = []
-    seeds = [int(s) for s in args.seeds.split(",")]
-    for recipe in args.recipes.split(","):
-        for name in args.methods.split(","):
-            if name not in METHODS:
-                sys.exit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-            jobs += [(recipe, name, METHODS[name], s) for s in seeds]
-    if args.ablation:
-        for recipe in args.ablation_recipes.split(","):
-            for name, spec in ABLATIONS.items():
-                jobs += [(recipe, name, spec, s) for s in seeds]
+    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+        jobs += [(recipe, name, METHODS[name], seed) for recipe in args.recipes.split(",")
+                 for name in args.methods.split(",")]
+        if i == 0:
+            jobs += [(recipe, name, spec, s) for s in abl_seeds for recipe in args.ablation_recipes.split(",")
+                     for name, spec in ABLATIONS.items()]
     for recipe, name, spec, seed in jobs:
         key = f"{recipe}/{name}/seed{seed}"
-        if key in read_results(out).get("runs", {}):
+        if not claim(out, key):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
         result = run_one(name, spec, recipe, seed, args, fp, data, test, real, device)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,12 +266,8 @@ def save_onnx(proto: onnx.ModelProto, path) -> Path:
     data = proto.SerializeToString()
     if len(data) >= 2**31 - 1:
         raise ExportError(f"{path.name}: the model is over 2 GB, which one ONNX file cannot hold")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from calib.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path

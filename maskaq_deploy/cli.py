@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,28 @@ def abort(message: str, code: int = EXIT_FAILURE):
     sys.exit(code)
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the job's size under torchrun (0, 1 for a plain run)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+    except ValueError:
+        return 0, 1
+
+
+def _error_line(e: Exception) -> str | None:
+    """The one line for ``e``. In a multi-process job it names the rank, unless every rank raised the same error
+    (``mirrored``): then rank 0 alone reports it and the others print nothing (None)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    rank, world = _rank_world()
+    if world > 1:
+        if getattr(e, "mirrored", False):
+            return msg if rank == 0 else None
+        if not msg.startswith("distributed calibration failed on rank"):
+            msg = f"distributed calibration failed on rank {rank}: {msg}"
+    return msg
+
+
 class App(click.Group):
     """Turns the library's typed errors into one line and an exit code, never a traceback."""
 
@@ -52,8 +75,11 @@ class App(click.Group):
         except Exception as e:
             for cls, code in _typed_errors():
                 if isinstance(e, cls):
-                    abort(str(e).splitlines()[0] if str(e) else type(e).__name__,
-                          code if code is not None else e.exit_code)
+                    code = code if code is not None else e.exit_code
+                    line = _error_line(e)
+                    if line is None:
+                        sys.exit(code)
+                    abort(line, code)
             raise
 
 
@@ -249,15 +275,24 @@ def cli():
 @calib_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 def calibrate(out, force, quiet, resume, **kw):
-    """Quantize a model (MaskAQ data-free by default) and write the quantized checkpoint into OUT."""
+    """Quantize a model (MaskAQ data-free by default) and write the quantized checkpoint into OUT.
+
+    Runs as one job over several processes or machines under torchrun (docs/distributed.md)."""
     from maskaq_deploy.pipeline import calibrate as run_calibrate
 
+    rank, world = _rank_world()
     _setup_logging(quiet)
+    if rank != 0:  # under torchrun rank 0 alone shows progress and the result; the others only warn
+        quiet = True
+        for name in ("maskaq_deploy", "calib", "export", "runtimes"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     model_cfg, calib_cfg = resolve_configs(kw)
     with _ProgressView(quiet) as view:
         manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view)
-    click.echo(f"quantized checkpoint written to {out} ({manifest['recipe']['name']}, "
-               f"{manifest['quantized_modules']} quantized modules, method {manifest['method']})")
+    if rank == 0:
+        where = f" by {world} processes" if world > 1 else ""
+        click.echo(f"quantized checkpoint written to {out}{where} ({manifest['recipe']['name']}, "
+                   f"{manifest['quantized_modules']} quantized modules, method {manifest['method']})")
 
 
 @cli.command()

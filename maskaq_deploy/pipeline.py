@@ -5,6 +5,9 @@
     from maskaq_deploy.models import ModelConfig
     manifest = calibrate(ModelConfig(), CalibrateConfig(method="real", recipe="w8a8"), "runs/w8a8")
     report = verify("runs/w8a8", "embedded:test")
+
+``calibrate`` also runs as one job over several processes (``torchrun ... -m maskaq_deploy calibrate``; see
+calib.dfq.distributed): every process loads the model and calibrates, rank 0 alone prepares and writes ``out``.
 """
 
 from __future__ import annotations
@@ -73,14 +76,20 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
 
 def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool = False,
               progress=None, resume: bool = False) -> dict:
-    """Quantize ``model_cfg``'s model by ``cfg`` and write the quantized checkpoint into ``out``."""
-    from calib import save_quantized_checkpoint
+    """Quantize ``model_cfg``'s model by ``cfg`` and write the quantized checkpoint into ``out``.
 
+    Under torchrun every process calls this; the returned manifest is the same on every rank, the files are
+    written by rank 0 only.
+    """
+    from calib import save_quantized_checkpoint
+    from calib.dfq import distributed
+
+    dist = distributed.setup(cfg.device)
     out = Path(out)
     if not resume:
-        prepare_out_dir(out, force)
+        dist.on_main(lambda: prepare_out_dir(out, force), "preparing the output directory")
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True), "preparing the output directory")
     torch.manual_seed(cfg.seed)
     seconds = {}
     t0 = time.perf_counter()
@@ -96,7 +105,7 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     seconds["load"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
-                          progress=progress)
+                          progress=progress, dist=dist)
     seconds["calibrate"] = round(time.perf_counter() - t0, 3)
     manifest = {
         "model": loaded.manifest_entry(),
@@ -118,7 +127,10 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
         "seconds": seconds,
         "calibration": summary,
     }
-    save_quantized_checkpoint(out, qmodel, manifest)
+    if dist.is_main:
+        save_quantized_checkpoint(out, qmodel, manifest)
+    dist.barrier("waiting for rank 0 to write the quantized checkpoint")  # no rank reports success before it
+    distributed.teardown()
     return manifest
 
 
@@ -129,7 +141,7 @@ def _effective_dfq(cfg: CalibrateConfig) -> dict:
 
 
 def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
-                *, resume: bool, progress) -> dict:
+                *, resume: bool, progress, dist=None) -> dict:
     """Calibrate (and, when the method fine-tunes, train) ``qmodel`` in place; return a summary."""
     from calib.dfq import run_calibration
 
@@ -140,7 +152,8 @@ def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: 
         real_y = torch.cat([y for _, y in batches]) if batches and batches[0][1] is not None else None
     return run_calibration(fp_model, qmodel, method=cfg.method, config=cfg.dfq_config(),
                            data_config=data_config, run_dir=out, real_images=real_x, real_labels=real_y,
-                           resume=resume, device=cfg.device, progress=progress, save_images=cfg.save_images)
+                           resume=resume, device=cfg.device, progress=progress, save_images=cfg.save_images,
+                           dist=dist)
 
 
 @torch.no_grad()
@@ -263,8 +276,14 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
           bundle_only: bool = False, progress=None, resume: bool = False) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
     and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
+    from calib.dfq.distributed import env_world
     from maskaq_deploy import deploy
 
+    if env_world()[1] > 1:
+        err = UsageError("build runs in one process; for several processes launch 'torchrun ... -m maskaq_deploy "
+                         "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
+        err.mirrored = True  # every rank refuses alike: reported once
+        raise err
     out = Path(out)
     deploy.check_target(cfg.recipe, target)  # refuse before any work
     t0 = time.perf_counter()

@@ -8,6 +8,13 @@ Trained: every parameter of Q -- weights and biases, LayerNorm, embeddings, the 
 the activation quantizers' LSQ step sizes. SGD with Nesterov momentum, learning rate cosine-annealed per step.
 Both models stay in eval mode (no dropout / stochastic depth), so a step depends only on the seeded data
 order and augmentation: an epoch is reproducible from (seed, epoch) alone.
+
+Data-parallel (``dist`` with several processes, Q wrapped in DistributedDataParallel): ``ft_batch_size`` stays
+the global batch. Every rank draws the same permutation and the augmentation of the whole global batch from
+the same generators, then keeps its own contiguous slice, so the images a step sees do not depend on the number
+of processes. Each rank's loss is the mean over its slice scaled by ``world * slice / batch``; DDP averages the
+gradients over the ranks, which then equal the gradient of the global-batch mean (also for a last, uneven
+batch). The result matches a one-process run up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 from calib.dfq import losses as L
 from calib.dfq.augment import resized_crop_flip
 from calib.dfq.config import DFQConfig
+from calib.dfq.distributed import DistContext, DistributedError
 from calib.dfq.models import Capture, TokenLayout, group_by_shape
 from calib.dfq.state import derive_seed, generators
 from calib.dfq.synthesis import autocast_ctx
@@ -66,40 +74,90 @@ def distill_terms(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: to
     return terms
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def finetune_epoch(teacher: nn.Module, student: nn.Module, opt: torch.optim.Optimizer,
                    images: torch.Tensor, labels: torch.Tensor | None, cfg: DFQConfig, layout: TokenLayout,
                    epoch: int, device: torch.device, autocast_dtype,
-                   on_log: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """One pass over ``images`` (normalized, any float dtype, on CPU or device); returns mean losses."""
+                   on_log: Callable[[int, int, dict[str, float]], None] | None = None,
+                   dist: DistContext | None = None) -> dict[str, float]:
+    """One pass over ``images`` (normalized, any float dtype, on CPU or device); returns mean losses.
+
+    ``student``: Q, or Q in DistributedDataParallel when ``dist`` has several processes (every rank then holds
+    the same ``images`` and calls this for the same epoch; the returned losses are global means).
+    """
     n = images.shape[0]
     per_epoch = steps_per_epoch(n, cfg)
     total = per_epoch * cfg.epochs
+    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
     gen, cpu_gen = generators(derive_seed(cfg.seed, "finetune", epoch), device)
     order = torch.randperm(n, generator=cpu_gen)
     weights = {"kd": cfg.kd_weight, "attn": cfg.attn_dist_weight, "ce": cfg.ce_weight}
     sums: dict[str, torch.Tensor] = {}
     student.eval()
     teacher.eval()
-    with Capture(teacher) as cap_p, Capture(student) as cap_q:
+    with Capture(teacher) as cap_p, Capture(_unwrap(student)) as cap_q:
         for i in range(per_epoch):
             idx = order[i * cfg.ft_batch_size:(i + 1) * cfg.ft_batch_size]
             x = images[idx].to(device, non_blocking=True).float()
             y = labels[idx].to(device) if labels is not None else None
+            # augmented whole on every rank, so the random draws do not depend on the number of processes
             x = resized_crop_flip(x, cfg.ft_crop_min, cfg.ft_flip, gen)
+            share = 1.0
+            if world > 1:
+                x, y, share = _local_slice(x, y, rank, world)
             step = epoch * per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total)
             terms = distill_terms(teacher, student, x, y, cfg, layout, cap_p, cap_q, autocast_dtype)
             loss = sum(weights[k] * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1:
+                # DDP averages over ranks: world * share turns that average into the global-batch mean
+                _backward(loss * (share * world), dist)
+            else:
+                loss.backward()
             opt.step()
             cap_p.clear()
             cap_q.clear()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            sums["total"] = sums.get("total", 0.0) + loss.detach()
+            for k, v in {**terms, "total": loss}.items():
+                d = v.detach() * share if world > 1 else v.detach()  # per rank: its share of the global mean
+                sums[k] = sums.get(k, 0.0) + d
             if on_log is not None and (i % cfg.log_every == 0 or i == per_epoch - 1):
-                logged = {k: float(v.detach()) for k, v in terms.items()}
-                on_log(step, total, {**logged, "total": float(loss.detach())})
+                logged = {k: v.detach() for k, v in terms.items()}
+                logged["total"] = loss.detach()
+                if world > 1:
+                    logged = _global(logged, share, dist)
+                on_log(step, total, {k: float(v) for k, v in logged.items()})
+    if world > 1:
+        sums = _global(sums, 1.0, dist)
     return {k: float(v) / per_epoch for k, v in sums.items()}
+
+
+def _local_slice(x: torch.Tensor, y: torch.Tensor | None, rank: int, world: int):
+    """This rank's contiguous part of the global batch and its share of it. A rank left with no image (a last
+    batch smaller than the world) still runs one image with share 0, so that it joins the gradient all-reduce."""
+    bounds = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    if len(bounds) == 0:
+        return x[:1], (y[:1] if y is not None else None), 0.0
+    lo, hi = int(bounds[0]), int(bounds[-1]) + 1
+    return x[lo:hi], (y[lo:hi] if y is not None else None), (hi - lo) / x.shape[0]
+
+
+def _backward(loss: torch.Tensor, dist: DistContext) -> None:
+    try:
+        loss.backward()  # DDP all-reduces the gradients here
+    except DistributedError:
+        raise
+    except RuntimeError as e:
+        raise dist.failure("gradient all-reduce of a fine-tune step", e) from None
+
+
+def _global(values: dict[str, torch.Tensor], share: float, dist: DistContext) -> dict[str, torch.Tensor]:
+    """Per-rank means (weighted by their share of the batch) summed over the ranks: the global-batch values."""
+    keys = list(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).reshape(()) * share for k in keys])
+    summed = dist.all_reduce_sum(stacked.detach(), "all-reduce of the fine-tune losses")
+    return dict(zip(keys, summed.unbind()))

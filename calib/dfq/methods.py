@@ -9,6 +9,17 @@ Methods (all through the same synthesis loop, calibration and fine-tuning code):
 * ``real``: the caller's images (a seeded subset of ``num_images``), calibration, and fine-tuning when the
   config has epochs (no refresh: there is nothing to re-synthesize).
 
+Multi-process runs (``torchrun``; see calib.dfq.distributed and docs/distributed.md). The unit of work is a
+synthesis batch: batch ``b`` holds images ``b * batch_size ...`` with labels drawn once per round for the whole
+set and its own seed ``derive_seed(seed, "synth", method, round, b, attempt)``, so a batch's pixels depend only
+on the global seed and its index, never on which process made it or how many there are. Missing batches are
+dealt round-robin to the ranks in waves (with nothing saved yet, rank r makes every batch with
+``b % world == r``); after each wave every batch is broadcast from the rank that made it, so every rank holds the
+whole set in batch order, and rank 0 saves the wave. Observer calibration then runs on every rank on that same
+set (cheap next to synthesis) and rank 0's result is broadcast, so all ranks start fine-tuning bit-identical.
+Fine-tuning is data-parallel (DistributedDataParallel over Q; see calib.dfq.finetune); a refresh is the same
+collective synthesis with the current Q. Only rank 0 writes files and reports progress.
+
 Choice for Q's LSQ step sizes before MaskAQ first runs Q (``q_init = "noise"``): Q's observers are
 calibrated on ``q_init_images`` N(0, 1) images, as the reference effectively does (its LSQ initializes on
 the first, pure-noise synthesis iteration). The final calibration on the finished synthetic set then
@@ -28,7 +39,9 @@ import torch
 from torch import nn
 
 from calib.calibrate import calibrate_observers
+from calib.dfq import distributed
 from calib.dfq.config import METHODS, DFQConfig
+from calib.dfq.distributed import DistContext
 from calib.dfq.errors import DFQConfigError, SynthesisError
 from calib.dfq.finetune import finetune_epoch, make_optimizer
 from calib.dfq.images import save_image_grid
@@ -85,7 +98,8 @@ def _batches(images: torch.Tensor, size: int, device):
 def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, config: DFQConfig,
                     data_config: dict, run_dir, real_images: torch.Tensor | None = None,
                     real_labels: torch.Tensor | None = None, resume: bool = False, device="cpu",
-                    progress: Progress | None = None, save_images: bool = False) -> dict:
+                    progress: Progress | None = None, save_images: bool = False,
+                    dist: DistContext | None = None) -> dict:
     """Calibrate (and, when the config says so, fine-tune) ``q_model`` in place with ``method``.
 
     ``fp_model``: the float model (never modified). ``q_model``: the same model with quantizers attached,
@@ -95,6 +109,11 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     State goes to ``run_dir/dfq``; ``resume=True`` continues an interrupted run with the same settings and
     gives the same result as an uninterrupted one. ``progress`` receives dicts
     ``{"stage", "step", "total", "losses", ...}``. Returns a JSON-serializable summary.
+
+    ``dist``: the process's place in a multi-process run; by default the process group the launcher's
+    environment describes (``distributed.setup``), or a single process when there is none. In a multi-process
+    run every rank calls this with the same arguments; only rank 0 writes ``run_dir`` and receives ``progress``
+    events, and every rank returns with the same ``q_model``.
     """
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -102,11 +121,13 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     if method == "real" and (real_images is None or len(real_images) == 0):
         raise DFQConfigError("method 'real' needs real images (normalized [N, C, H, W]); pass real_images, "
                              "or choose a data-free method (maskaq, psaq, noise)")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DFQConfigError("device 'cuda' was requested but torch sees no CUDA device; use device='cpu'")
+    dist = dist or distributed.setup(device)
+    device = dist.device(device)
     cfg = effective_config(method, config)
-    emit = progress or (lambda event: None)
+    # progress is drawn by rank 0 only: the other ranks would repeat the same bars
+    emit = progress if progress is not None and dist.is_main else (lambda event: None)
 
     c, h, w = (int(v) for v in data_config["input_size"])
     mean = torch.as_tensor(data_config["mean"], dtype=torch.float32).reshape(-1)
@@ -130,7 +151,10 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
           "input": [c, h, w], "normalization": [mean.tolist(), std.tolist()]}
     if method == "real":
         fp["real_images"] = _hash_tensor(real_images)
-    state = RunState(run_dir, fp, resume)
+    # every rank must start from the same P, recipe and data (each loaded its own copy)
+    dist.check_same({k: fp[k] for k in ("model", "recipe", "input", "normalization", "real_images") if k in fp},
+                    "model, recipe or input")
+    state = RunState(run_dir, fp, resume, dist)
     if state.resumed:
         log.info("resuming the %s run in %s", method, state.root)
 
@@ -160,55 +184,87 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         calibrate_observers(q_model, lambda m: [m(b) for b in _batches(noise, cfg.calib_batch_size, device)])
         q_ready["done"] = True
 
+    def saved_batches(rnd: int, labels_of) -> dict[int, tuple[torch.Tensor, dict]]:
+        """The batches of round ``rnd`` already saved (resume), on every rank: rank 0 reads, then broadcasts."""
+        found = {}
+        for b in range(num_batches):
+            loaded = state.load_batch(rnd, b)
+            if loaded is not None and torch.equal(loaded[1], labels_of(b)):
+                found[b] = (loaded[0], loaded[2])
+        if not dist.enabled:
+            return found
+        infos = dist.broadcast_object({b: info for b, (_, info) in found.items()}, 0, "saved synthesis batches")
+        return {b: (dist.broadcast_tensor(found[b][0] if dist.is_main else
+                                          torch.empty((len(labels_of(b)), c, h, w), dtype=torch.float16), 0,
+                                          f"broadcast of saved synthesis batch {b}"), infos[b])
+                for b in sorted(infos)}
+
+    def synthesize_one(rnd: int, b: int, lbl: torch.Tensor, on_log) -> tuple[torch.Tensor, dict]:
+        for attempt in range(MAX_ATTEMPTS):
+            seed = derive_seed(cfg.seed, "synth", method, rnd, b, attempt)
+            x, last, curve = synthesize_batch(setup, lbl, seed, on_log)
+            if torch.isfinite(x).all():
+                break
+            log.warning("synthesis batch %d of round %d diverged (non-finite pixels); retrying", b, rnd)
+        else:
+            raise SynthesisError(f"synthesis diverged {MAX_ATTEMPTS} times on batch {b}; lower the "
+                                 "learning rate (lr) or the loss weights")
+        # The set is kept in float16 (half the memory and disk); runs and resumed runs use the same
+        # rounded values, so resuming stays exact.
+        return x.half(), {"final": last, "curve": curve if b == 0 else [], "attempts": attempt + 1}
+
     def synthesize_round(rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
         labels_all = round_labels(rnd)
-        imgs_out, lbls_out, finals = [], [], []
         total = num_batches * cfg.iterations
-        for b in range(num_batches):
-            lbl = labels_all[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            loaded = state.load_batch(rnd, b)
-            if loaded is not None and torch.equal(loaded[1], lbl):
-                imgs, _, info = loaded
-            else:
-                if (method == "maskaq" and rnd == 0 and not q_ready["done"] and setup.student is not None
-                        and cfg.w_mask > 0):
-                    init_q_on_noise()
 
-                def on_log(step, losses, b=b):
-                    emit({"stage": "synthesis", "round": rnd, "batch": b, "step": b * cfg.iterations + step + 1,
+        def labels_of(b: int) -> torch.Tensor:
+            return labels_all[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+
+        done = saved_batches(rnd, labels_of)
+        for i, b in enumerate(sorted(done)):
+            emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (i + 1) * cfg.iterations, "total": total,
+                  "losses": done[b][1].get("final", {})})
+        missing = [b for b in range(num_batches) if b not in done]
+        if (missing and method == "maskaq" and rnd == 0 and not q_ready["done"] and setup.student is not None
+                and cfg.w_mask > 0):
+            init_q_on_noise()  # on every rank: the same deterministic Q for the whole round
+        # Waves of ``world`` batches, dealt round-robin; one process makes one batch per wave.
+        for start in range(0, len(missing), dist.world_size):
+            wave = missing[start:start + dist.world_size]
+            base = len(done) * cfg.iterations
+            mine = wave[dist.rank] if dist.rank < len(wave) else None
+            made = None
+            if mine is not None:
+                def on_log(step, losses, b=mine, n=len(wave), base=base):
+                    emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + (step + 1) * n,
                           "total": total, "losses": losses})
 
-                for attempt in range(MAX_ATTEMPTS):
-                    seed = derive_seed(cfg.seed, "synth", method, rnd, b, attempt)
-                    x, last, curve = synthesize_batch(setup, lbl, seed, on_log)
-                    if torch.isfinite(x).all():
-                        break
-                    log.warning("synthesis batch %d of round %d diverged (non-finite pixels); retrying", b, rnd)
+                made = synthesize_one(rnd, mine, labels_of(mine), on_log)
+            for j, b in enumerate(wave):
+                if dist.enabled:  # every rank receives every batch of the wave from the rank that made it
+                    imgs = dist.broadcast_tensor(made[0] if j == dist.rank else torch.empty(
+                        (len(labels_of(b)), c, h, w), dtype=torch.float16), j, f"broadcast of synthesis batch {b}")
+                    info = dist.broadcast_object(made[1] if j == dist.rank else None, j,
+                                                 f"broadcast of synthesis batch {b}")
                 else:
-                    raise SynthesisError(f"synthesis diverged {MAX_ATTEMPTS} times on batch {b}; lower the "
-                                         "learning rate (lr) or the loss weights")
-                # The set is kept in float16 (half the memory and disk); runs and resumed runs use the same
-                # rounded values, so resuming stays exact.
-                imgs = x.half()
-                info = {"final": last, "curve": curve if b == 0 else [], "attempts": attempt + 1}
-                state.save_batch(rnd, b, imgs, lbl, info)
-            emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (b + 1) * cfg.iterations,
-                  "total": total, "losses": info.get("final", {})})
-            imgs_out.append(imgs)
-            lbls_out.append(lbl)
-            finals.append(info.get("final", {}))
-            if b == 0:
-                curves["synthesis"].append({"round": rnd, "curve": info.get("curve", [])})
+                    imgs, info = made
+                state.save_batch(rnd, b, imgs, labels_of(b), info)
+                done[b] = (imgs, info)
+                if j == len(wave) - 1:  # one event per wave keeps the bar monotonic
+                    emit({"stage": "synthesis", "round": rnd, "batch": b, "step": len(done) * cfg.iterations,
+                          "total": total, "losses": info.get("final", {})})
         state.drop_rounds_before(rnd)
+        finals = [done[b][1].get("final", {}) for b in range(num_batches)]
+        curves["synthesis"].append({"round": rnd, "curve": done[0][1].get("curve", [])})
         keys = sorted({k for f in finals for k in f})
         final["synthesis"] = {k: sum(f.get(k, 0.0) for f in finals) / len(finals) for k in keys}
         seconds["synthesis"] += time.perf_counter() - t0
-        images = torch.cat(imgs_out)
-        if save_images:
+        images = torch.cat([done[b][0] for b in range(num_batches)])
+        if save_images and dist.is_main:
             p = save_image_grid(images, state.root / f"images_round{rnd:03d}.png", mean, std)
             paths["images"].append(str(p))
-        return images, torch.cat(lbls_out)
+        return images, torch.cat([labels_of(b) for b in range(num_batches)])
 
     def calibration_set() -> tuple[torch.Tensor, torch.Tensor | None]:
         if method == "noise":
@@ -220,19 +276,19 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
             idx = torch.randperm(real_images.shape[0], generator=g)[:n]
             imgs = real_images[idx].float()
             lbls = real_labels[idx].long() if real_labels is not None else None
-            if save_images:
+            if save_images and dist.is_main:
                 paths["images"].append(str(save_image_grid(imgs, state.root / "images_real.png", mean, std)))
             return imgs, lbls
         else:
             return synthesize_round(0)
-        if save_images:
+        if save_images and dist.is_main:
             paths["images"].append(str(save_image_grid(imgs, state.root / f"images_{method}.png", mean, std)))
         return imgs, None
 
     # --- fine-tune checkpoint (resume point after calibration)
     # Optimizers are built after calibration, which replaces the weight quantizers' scale parameters.
     opt, ft_info = None, None
-    if cfg.finetunes and state.resumed and (state.root / "finetune.safetensors").is_file():
+    if cfg.finetunes and state.resumed and state.has_model("finetune"):
         opt = make_optimizer(q_model, cfg)
         ft_info = state.load_model("finetune", q_model, opt)
     start_epoch = int(ft_info["epoch"]) if ft_info else 0
@@ -248,12 +304,17 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         if info is None:
             emit({"stage": "calibration", "step": 0, "total": 1, "losses": {}})
             calibrate_observers(q_model, lambda m: [m(b) for b in _batches(images, cfg.calib_batch_size, device)])
+            # every rank calibrated on the same set; rank 0's result makes them bit-identical on any hardware
+            dist.broadcast_module(q_model, what="the calibrated model")
             state.save_model("calibrated", q_model)
         emit({"stage": "calibration", "step": 1, "total": 1, "losses": {}})
         seconds["calibration"] = time.perf_counter() - t0
         opt = make_optimizer(q_model, cfg) if cfg.finetunes else None
 
     if cfg.finetunes:
+        # Data-parallel Q for the fine-tune steps; synthesis (refresh) keeps using the plain module, whose
+        # parameters the wrapper shares.
+        train_q = dist.wrap_ddp(q_model, images[:1].to(device).float())
         for epoch in range(start_epoch, cfg.epochs):
             rnd = epoch // cfg.refresh_every if cfg.refresh_every else 0
             if rnd != cur_round:
@@ -264,8 +325,8 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
             def on_log(step, total, losses, epoch=epoch):
                 emit({"stage": "finetune", "epoch": epoch, "step": step + 1, "total": total, "losses": losses})
 
-            losses = finetune_epoch(teacher, q_model, opt, images, labels, cfg, layout, epoch, device,
-                                    autocast_dtype, on_log)
+            losses = finetune_epoch(teacher, train_q, opt, images, labels, cfg, layout, epoch, device,
+                                    autocast_dtype, on_log, dist=dist)
             curves["finetune"].append({"epoch": epoch, **losses})
             state.save_model("finetune", q_model, opt, {"epoch": epoch + 1, "curve": curves["finetune"]})
             seconds["finetune"] += time.perf_counter() - t0
@@ -291,4 +352,5 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         "curves": curves,
         "paths": paths,
         "config": cfg.to_dict(),
+        **({"distributed": dist.describe()} if dist.enabled else {}),
     }

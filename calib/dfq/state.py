@@ -8,6 +8,11 @@
 Every file is written to a temporary name and renamed, so a kill leaves either the old or the new file.
 Randomness is never carried in saved state: every batch and every epoch seeds its own generators from
 (seed, stage, index), so redoing an interrupted unit reproduces it bit for bit on the same machine.
+
+In a multi-process run (calib.dfq.distributed) only rank 0 touches these files. Opening the state and loading a
+model checkpoint are collective: rank 0 reads, the other ranks receive what it read by broadcast (so they need
+no access to the run directory, and a resume may use another number of processes); the ``save_*`` methods are
+no-ops on the other ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from calib.dfq.distributed import SINGLE, DistContext
 from calib.dfq.errors import ResumeError
 
 STATE_VERSION = 1
@@ -81,33 +87,38 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 class RunState:
-    """The files of one run under ``run_dir/dfq``."""
+    """The files of one run under ``run_dir/dfq``; ``dist``: the process's place in a multi-process run."""
 
-    def __init__(self, run_dir, fingerprint: dict, resume: bool):
+    def __init__(self, run_dir, fingerprint: dict, resume: bool, dist: DistContext | None = None):
         self.root = Path(run_dir) / "dfq"
         self.fingerprint = fingerprint
+        self.dist = dist or SINGLE
+        self.writer = self.dist.is_main  # the one process that reads and writes the files
+        self.meta, self.resumed = self.dist.on_main(lambda: self._open(resume), "opening the run state")
+
+    def _open(self, resume: bool) -> tuple[dict, bool]:
         meta_path = self.root / "run.json"
         if resume and meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise ResumeError(f"{meta_path} is corrupt ({e}); rerun without --resume to start over") from None
+            fingerprint = self.fingerprint
             if meta.get("fingerprint") != fingerprint:
                 diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
                               if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
                 raise ResumeError(f"{self.root} holds a run with a different {', '.join(diff)}; rerun without "
                                   "--resume to start over, or resume with the original settings")
-            self.meta = meta
-            self.resumed = True
-        else:
-            if self.root.exists():
-                shutil.rmtree(self.root)
-            self.meta = {"version": STATE_VERSION, "fingerprint": fingerprint, "epochs_done": 0}
-            self.resumed = False
-            _atomic_json(meta_path, self.meta)
+            return meta, True
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        meta = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "epochs_done": 0}
+        _atomic_json(meta_path, meta)
+        return meta, False
 
     def _write_meta(self) -> None:
-        _atomic_json(self.root / "run.json", self.meta)
+        if self.writer:
+            _atomic_json(self.root / "run.json", self.meta)
 
     # --- synthetic batches
     def round_dir(self, rnd: int) -> Path:
@@ -118,13 +129,15 @@ class RunState:
 
     def save_batch(self, rnd: int, batch: int, images: torch.Tensor, labels: torch.Tensor, info: dict) -> Path:
         path = self.batch_path(rnd, batch)
-        _atomic_save({"images": images, "labels": labels}, path, {"info": json.dumps(info)})
+        if self.writer:
+            _atomic_save({"images": images, "labels": labels}, path, {"info": json.dumps(info)})
         return path
 
     def load_batch(self, rnd: int, batch: int):
-        """(images, labels, info) of a saved batch, or None when it is missing or unreadable."""
+        """(images, labels, info) of a saved batch, or None when it is missing or unreadable (always None on the
+        ranks that do not own the files: they receive rank 0's batches by broadcast)."""
         path = self.batch_path(rnd, batch)
-        if not path.is_file():
+        if not self.writer or not path.is_file():
             return None
         try:
             from safetensors import safe_open
@@ -136,6 +149,8 @@ class RunState:
             return None
 
     def drop_rounds_before(self, rnd: int) -> None:
+        if not self.writer:
+            return
         for old in range(rnd):
             d = self.round_dir(old)
             if d.exists():
@@ -151,12 +166,26 @@ class RunState:
                     if torch.is_tensor(val):
                         tensors[f"opt.{idx}.{key}"] = val
         path = self.root / f"{name}.safetensors"
-        _atomic_save(tensors, path, {"info": json.dumps(info or {})})
+        if self.writer:
+            _atomic_save(tensors, path, {"info": json.dumps(info or {})})
         return path
+
+    def has_model(self, name: str) -> bool:
+        """Whether checkpoint ``name`` exists (collective: rank 0 looks, every rank gets the answer)."""
+        return self.dist.on_main(lambda: (self.root / f"{name}.safetensors").is_file(), f"looking for {name}")
 
     def load_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         """Restore ``model`` (and the optimizer's per-parameter state) from ``name``; returns its info dict,
-        or None when there is no such checkpoint."""
+        or None when there is no such checkpoint. Collective: rank 0 reads the file and every rank ends with its
+        model and optimizer state."""
+        info = self.dist.on_main(lambda: self._load_model(name, model, optimizer), f"loading {name}")
+        if info is not None and self.dist.enabled:
+            self.dist.broadcast_module(model, what=f"the {name} checkpoint")
+            if optimizer is not None:
+                self.dist.broadcast_optimizer_state(optimizer)
+        return info
+
+    def _load_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         path = self.root / f"{name}.safetensors"
         if not path.is_file():
             return None

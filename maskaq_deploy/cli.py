@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def _finish(run, report: dict, limits) -> None:
     from maskaq_deploy.errors import EXIT_GATE
     from maskaq_deploy.report import finish_report
 
-    done = finish_report(run, report, limits=limits, command=" ".join(["maskaq-deploy", *sys.argv[1:]]))
+    done = finish_report(run, report, limits=limits, command=shlex.join(["maskaq-deploy", *sys.argv[1:]]))
     click.echo(f"reports: {done.md_path}, {done.html_path}")
     if limits is not None and limits.active:
         for line in done.gate.lines():
@@ -233,6 +234,13 @@ class _ProgressView:
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(stage, total=total, losses="")
         self.progress.update(self.tasks[key], completed=step, total=total, losses=losses)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _setup_logging(quiet: bool = False, verbose: bool = False):
@@ -308,11 +316,14 @@ def calibrate(out, force, quiet, resume, **kw):
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
-    from maskaq_deploy.gate import thresholds
+    from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
+    manifest = _read_json(Path(run) / "manifest.json")  # a missing one is verify's own error, below
+    if manifest:
+        precheck(limits, model=manifest.get("model", {}).get("name"), recipe=manifest.get("recipe", {}).get("name"))
     report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
     _print_report(report)
     _finish(run, report, limits)

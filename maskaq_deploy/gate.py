@@ -156,7 +156,7 @@ def check_baseline_matches(report: dict, baseline: dict, source: str = "the base
 
 
 def precheck(limits: Thresholds, *, model: str, recipe: str) -> None:
-    """Refuse a baseline of another model or recipe before a build spends time calibrating (the full check,
+    """Refuse a baseline of another model or recipe before a build or verify spends time (the full check,
     timm architecture and images included, runs on the finished report)."""
     base = limits.baseline
     if base is None:
@@ -164,7 +164,7 @@ def precheck(limits: Thresholds, *, model: str, recipe: str) -> None:
     if base.get("model") != model or base.get("recipe") != recipe:
         raise UsageError(
             f"baseline {limits.baseline_path} is for model {base.get('model')!r} recipe {base.get('recipe')!r}, "
-            f"this build is {model!r} recipe {recipe!r}; give the report of a previous run of the same model "
+            f"this run is {model!r} recipe {recipe!r}; give the report of a previous run of the same model "
             "and recipe")
 
 

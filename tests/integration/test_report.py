@@ -303,6 +303,12 @@ def test_cli_build_gate_and_baselines(run, tmp_path):
                                        "--max-regression", "0", "--out", str(tmp_path / "c")])
     assert refused.exit_code == 2, refused.output
     assert "same model and recipe" in refused.output and not (tmp_path / "c").exists()
+    # verify refuses it too, before evaluating anything (the run's report is left as it was)
+    before = (tmp_path / "a" / "report.json").read_bytes()
+    refused = CliRunner().invoke(cli, ["verify", str(tmp_path / "a"), "--val-data", str(d / "val.npz"),
+                                       "--baseline", str(tmp_path / "w8.json"), "--max-regression", "0"])
+    assert refused.exit_code == 2 and "this run is" in refused.output, refused.output
+    assert (tmp_path / "a" / "report.json").read_bytes() == before
     missing = CliRunner().invoke(cli, ["build", *model, "--baseline", str(tmp_path / "nope.json"),
                                        "--max-regression", "0", "--out", str(tmp_path / "d")])
     assert missing.exit_code == 2 and "not found" in missing.output and not (tmp_path / "d").exists()

@@ -206,9 +206,11 @@ def fmt_cell(rows: list[dict]) -> str:
         return "-"
     accs = [r["top1"] for r in rows]
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    # a run that reused another recipe's psaq images did not pay for them: time only the runs that did
-    timed = [r for r in rows if not r.get("reused_images")]
-    secs = f"{statistics.mean(r['seconds'] for r in timed):.0f} s" if timed else "shared images"
+    # time only runs that did all their work: not one that reused another recipe's psaq images, nor one that
+    # resumed an interrupted run (its clock started at the resume)
+    timed = [r for r in rows if not r.get("reused_images") and not r.get("resumed")]
+    secs = f"{statistics.mean(r['seconds'] for r in timed):.0f} s" if timed else (
+        "resumed" if any(r.get("resumed") for r in rows) else "shared images")
     n = f" n={len(rows)}" if len(rows) < 3 else ""
     return f"{statistics.mean(accs):.2f} ± {sd:.2f} ({secs}{n})"
 
@@ -239,7 +241,7 @@ def print_tables(res: dict) -> None:
           "the refresh switched off (against maskaq-std)", abl_seeds)
     cpu = {}
     for r in runs:
-        if "cpu_seconds" in r and not r.get("reused_images"):
+        if "cpu_seconds" in r and not r.get("reused_images") and not r.get("resumed"):
             cpu.setdefault(r["method"], []).append(r["cpu_seconds"])
     if cpu:
         print("\nMean CPU seconds per calibration (all recipes and seeds)\n")

@@ -221,8 +221,9 @@ def print_tables(res: dict) -> None:
     print(f"\nEmbedded MNIST ViT, top-1 (%) on {meta.get('test_images', '?')} test images, mean ± std over "
           f"seeds (calibration wall time, {meta.get('threads', '?')} thread(s)); FP {meta.get('fp_top1', '?')}")
 
-    def table(cols, title, seeds=None):
-        rows = [r for r in runs if seeds is None or r["seed"] in seeds]
+    def table(cols, title, seeds=None, recipes=None):
+        rows = [r for r in runs if (seeds is None or r["seed"] in seeds)
+                and (recipes is None or r["recipe"] in recipes)]
         present = [c for c in cols if any(r["method"] == c for r in rows)]
         if not present:
             return
@@ -238,7 +239,8 @@ def print_tables(res: dict) -> None:
     abl_seeds = {r["seed"] for r in runs if r["method"] in ABLATIONS}
     table(["maskaq-fast", *list(ABLATIONS)[:-1], "maskaq-std", "no-refresh"],
           f"Ablation (seeds {sorted(abl_seeds)}): one synthesis loss term switched off (against maskaq-fast), "
-          "the refresh switched off (against maskaq-std)", abl_seeds)
+          "the refresh switched off (against maskaq-std)", abl_seeds,
+          {r["recipe"] for r in runs if r["method"] in ABLATIONS})
     cpu = {}
     for r in runs:
         if "cpu_seconds" in r and not r.get("reused_images") and not r.get("resumed"):

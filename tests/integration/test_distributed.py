@@ -251,9 +251,9 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
         assert _max_rel_diff(_tensors(tmp_path / "one" / f), _tensors(out / f)) <= FINETUNE_RTOL, f
 
 
-def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
-    """Processes started by another launcher (here: by hand, with torchrun's variables): nobody stops the
-    survivor, so it must notice the dead peer itself and exit with one line, not hang."""
+def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tuple[int, float, str]:
+    """Start ranks 0 and 1 by hand (torchrun's variables, no torchrun), send ``sig`` to rank 1 once rank 0 has
+    saved a batch, and return (rank 0's exit code, seconds from the signal to its exit, rank 0's stderr)."""
     cfg = _config(tmp_path, "plain", iterations=30)
     out = tmp_path / "run"
     port = str(_free_port())
@@ -261,7 +261,7 @@ def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
     procs, logs = [], []
     for rank in (0, 1):
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(extra_env or {})}
         logs.append((tmp_path / f"rank{rank}.txt").open("w+"))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
     try:
@@ -269,11 +269,11 @@ def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
         deadline = time.monotonic() + 120
         while not trigger.exists() and procs[0].poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the kill point"
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
+        assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the signal point"
+        procs[1].send_signal(sig)
+        signalled_at = time.monotonic()
         rc = procs[0].wait(timeout=90)
-        elapsed = time.monotonic() - killed_at
+        elapsed = time.monotonic() - signalled_at
     finally:
         for p in procs:
             if p.poll() is None:
@@ -283,11 +283,22 @@ def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
         err = logs[0].read()
         for f in logs:
             f.close()
-    assert rc == 1
-    assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to notice the dead rank"
+    return rc, elapsed, err
+
+
+def _assert_one_error_line_naming_rank_0(err: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: distributed calibration failed on rank 0: "), err[-2000:]
     assert "Traceback" not in err
+
+
+def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
+    """Processes started by another launcher (here: by hand, with torchrun's variables): nobody stops the
+    survivor, so it must notice the dead peer itself and exit with one line, not hang."""
+    rc, elapsed, err = _hand_launched_pair(tmp_path, signal.SIGKILL)
+    assert rc == 1
+    assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to notice the dead rank"
+    _assert_one_error_line_naming_rank_0(err)
 
 
 @pytest.mark.slow
@@ -295,40 +306,10 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(tmp_path):
     """A rank that stops responding without dying (SIGSTOP: no socket closes, no exit for a launcher to see):
     the others give up after MASKAQ_DIST_TIMEOUT instead of waiting forever. Slow (it waits out the timeout);
     test_setup_passes_the_timeout checks the set-up in the quick run."""
-    cfg = _config(tmp_path, "plain", iterations=30)
-    out = tmp_path / "run"
-    port = str(_free_port())
-    cmd = [sys.executable, "-m", "maskaq_deploy", "calibrate", "--config", str(cfg), "--out", str(out), "--quiet"]
-    procs, logs = [], []
-    for rank in (0, 1):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "MASKAQ_DIST_TIMEOUT": "8"}
-        logs.append((tmp_path / f"rank{rank}.txt").open("w+"))
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
-    try:
-        trigger = out / "dfq" / "round000" / "batch00001.safetensors"
-        deadline = time.monotonic() + 120
-        while not trigger.exists() and procs[0].poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the stop point"
-        procs[1].send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        rc = procs[0].wait(timeout=90)
-        elapsed = time.monotonic() - stopped_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        logs[0].seek(0)
-        err = logs[0].read()
-        for f in logs:
-            f.close()
+    rc, elapsed, err = _hand_launched_pair(tmp_path, signal.SIGSTOP, {"MASKAQ_DIST_TIMEOUT": "8"})
     assert rc == 1
     assert elapsed < 8 + 30, f"rank 0 waited {elapsed:.0f} s for the stopped rank (timeout 8 s)"
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and lines[0].startswith("error: distributed calibration failed on rank 0: "), err[-2000:]
-    assert "Traceback" not in err
+    _assert_one_error_line_naming_rank_0(err)
 
 
 def test_setup_passes_the_timeout(monkeypatch):

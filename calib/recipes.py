@@ -14,16 +14,12 @@ modules stay in float (fnmatch patterns on module names). Custom recipes come fr
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
 from calib.errors import RecipeError
 from calib.quantizers import MAX_BITS, MIN_BITS
+from calib.tomlfile import read_toml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 RECIPE_VERSION = 1
 # The first (patch embedding) and last (classifier) layers stay float in the sub-8-bit research recipes, as in
@@ -121,13 +117,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 def load_recipe_toml(path: str) -> Recipe:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, RecipeError, "recipe file")
     table = data.get("recipe", data)
     base = table.pop("base", None) if isinstance(table, dict) else None
     if base is not None:

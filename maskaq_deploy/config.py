@@ -21,15 +21,11 @@ CLI options given explicitly override the file; the fully resolved config goes i
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
+from calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.errors import UsageError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CONFIG_VERSION = 1
 METHODS = ("maskaq", "psaq", "noise", "real")
@@ -82,13 +78,7 @@ class CalibrateConfig:
 
 
 def read_toml(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    return read_toml_file(path, UsageError, "config file")
 
 
 def build(cls, file_values: dict | None, overrides: dict):

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 
 from calib.dfq.errors import DFQConfigError
+from calib.tomlfile import read_toml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DFQ_CONFIG_VERSION = 1
 METHODS = ("maskaq", "psaq", "noise", "real")
@@ -184,13 +180,7 @@ def preset_values(name: str) -> dict:
 def load_dfq_toml(path, **overrides) -> DFQConfig:
     """A DFQConfig from a TOML file: a ``[dfq]`` table (or top-level keys); ``preset = NAME`` picks the base
     values, the other keys override them, then ``overrides`` (e.g. CLI options) override the file."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise DFQConfigError(f"dfq config file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise DFQConfigError(f"dfq config file {path} is not valid TOML: {e}") from None
+    data = read_toml(path, DFQConfigError, "dfq config file")
     table = dict(data.get("dfq", data))
     preset = overrides.get("preset", table.get("preset"))
     base = preset_values(preset) if preset not in (None, "custom") else {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from export.onnx_export import (
     trace_to_onnx,
 )
 from export.registry import REGISTRY, InputKind, OpRule
+from export.rules import GraphView
 
 log = logging.getLogger(__name__)
 
@@ -194,19 +195,14 @@ def collect_quantizers(model: nn.Module) -> dict:
 
 # ---- the graph pass ------------------------------------------------------------------------------------------
 
-class _Graph:
-    """Indexes of one GraphProto, and the edits the pass accumulates."""
+class _Graph(GraphView):
+    """The rules' indexes of one graph (initializers, producer, consumers), and the edits the pass
+    accumulates."""
 
     def __init__(self, proto: onnx.ModelProto):
+        super().__init__(proto)
         self.model = proto
         self.g = proto.graph
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = defaultdict(list)
-        for n in self.g.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers[name].append((n, i))
         self.outputs = {o.name for o in self.g.output}
         self.replace: dict[int, list] = {}  # id(node) -> nodes emitted in its place
         self.new_inits: list = []

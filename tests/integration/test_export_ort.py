@@ -298,7 +298,6 @@ def embedded_model_and_data():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (EMBEDDED / "model.safetensors").is_file(), reason="the embedded model is not installed")
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a16"])
 def test_embedded_model_both_flavours(tmp_path, recipe):
     """The done-when bounds on 1000 test images: >= 99.5% top-1 agreement and >= 30 dB logits SQNR, and a

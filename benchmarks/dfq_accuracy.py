@@ -122,7 +122,10 @@ def share_psaq_images(cache_dir: Path) -> None:
     synthesized batch on disk, keyed by its seed, and reuse it for the other recipes (the same images that a
     fresh synthesis would make, at a quarter of the cost over four recipes)."""
     import calib.dfq.methods as methods
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from calib.checkpoint import atomic_path
 
     synthesize = methods.synthesize_batch
 
@@ -131,16 +134,15 @@ def share_psaq_images(cache_dir: Path) -> None:
             return synthesize(setup, labels, seed, on_log)
         path = cache_dir / f"{seed}.safetensors"
         if path.is_file():
-            t = load_file(str(path))
-            if torch.equal(t["labels"], labels):
-                PSAQ_REUSED["batches"] += 1
-                return t["images"], json.loads(t["final"].numpy().tobytes().decode()), []
+            with safe_open(str(path), framework="pt") as f:
+                if torch.equal(f.get_tensor("labels"), labels):
+                    PSAQ_REUSED["batches"] += 1
+                    return f.get_tensor("images"), json.loads(f.metadata()["final"]), []
         x, last, curve = synthesize(setup, labels, seed, on_log)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        final = torch.frombuffer(bytearray(json.dumps(last).encode()), dtype=torch.uint8)
-        save_file({"images": x.contiguous(), "labels": labels.contiguous(), "final": final}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"images": x.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                      metadata={"final": json.dumps(last)})
         return x, last, curve
 
     methods.synthesize_batch = cached

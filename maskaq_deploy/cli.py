@@ -236,13 +236,6 @@ class _ProgressView:
         self.progress.update(self.tasks[key], completed=step, total=total, losses=losses)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _setup_logging(quiet: bool = False, verbose: bool = False):
     level = logging.DEBUG if verbose else logging.INFO
     # our packages log at INFO; third-party libraries (the ONNX exporter is chatty) only at WARNING
@@ -316,14 +309,14 @@ def calibrate(out, force, quiet, resume, **kw):
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
+    from calib.checkpoint import read_manifest
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
-    manifest = _read_json(Path(run) / "manifest.json")  # a missing one is verify's own error, below
-    if manifest:
-        precheck(limits, model=manifest.get("model", {}).get("name"), recipe=manifest.get("recipe", {}).get("name"))
+    manifest = read_manifest(run)  # the run's model and recipe, for the baseline precheck
+    precheck(limits, model=manifest["model"]["name"], recipe=manifest["recipe"]["name"])
     report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
     _print_report(report)
     _finish(run, report, limits)

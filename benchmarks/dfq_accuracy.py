@@ -104,7 +104,7 @@ def read_results(path: Path) -> dict:
 
 
 def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
-    from calib.checkpoint import atomic_write_json
+    from maskaq_deploy.calib.checkpoint import atomic_write_json
 
     with locked(path):
         res = read_results(path)
@@ -121,11 +121,11 @@ def share_psaq_images(cache_dir: Path) -> None:
     """PSAQ-ViT synthesis does not involve Q, so its images depend on the seed but not on the recipe: keep each
     synthesized batch on disk, keyed by its seed, and reuse it for the other recipes (the same images that a
     fresh synthesis would make, at a quarter of the cost over four recipes)."""
-    import calib.dfq.methods as methods
+    import maskaq_deploy.calib.dfq.methods as methods
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from calib.checkpoint import atomic_path
+    from maskaq_deploy.calib.checkpoint import atomic_path
 
     synthesize = methods.synthesize_batch
 
@@ -162,16 +162,16 @@ def claim(path: Path, key: str) -> bool:
             except ProcessLookupError:
                 pass
         res.setdefault("claims", {})[key] = os.getpid()
-        from calib.checkpoint import atomic_write_json
+        from maskaq_deploy.calib.checkpoint import atomic_write_json
 
         atomic_write_json(path, res)
         return True
 
 
 def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real, device) -> dict:
-    from calib import RECIPES as ALL_RECIPES
-    from calib import attach_quantizers
-    from calib.dfq import DFQConfig, run_calibration
+    from maskaq_deploy.calib import RECIPES as ALL_RECIPES
+    from maskaq_deploy.calib import attach_quantizers
+    from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
 
     method, preset, overrides = spec
     overrides = {**overrides, **(QUICK if args.quick else {})}

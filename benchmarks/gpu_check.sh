@@ -90,8 +90,8 @@ calib = [rng.standard_normal((8, 3, 224, 224)).astype(np.float32) for _ in range
 qdq = work / "deit_small.qdq.onnx"
 how = None
 try:  # the project's exporter; its absence or a changed API falls back to onnxruntime's quantizer below
-    from calib import RECIPES, attach_quantizers, calibrate_observers
-    from export.qdq import export_qdq_onnx
+    from maskaq_deploy.calib import RECIPES, attach_quantizers, calibrate_observers
+    from maskaq_deploy.export.qdq import export_qdq_onnx
 
     attach_quantizers(model, RECIPES["w8a8"])
     calibrate_observers(model, lambda m: [m(torch.from_numpy(b)) for b in calib])

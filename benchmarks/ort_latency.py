@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calib import attach_quantizers, calibrate_observers, get_recipe  # noqa: E402
-from calib.calibrate import batches_forward_loop  # noqa: E402
-from export.onnx_export import export_fp_onnx  # noqa: E402
-from export.qdq import export_qdq_onnx  # noqa: E402
-from runtimes import OrtBackend, benchmark_interleaved  # noqa: E402
+from maskaq_deploy.calib import attach_quantizers, calibrate_observers, get_recipe  # noqa: E402
+from maskaq_deploy.calib.calibrate import batches_forward_loop  # noqa: E402
+from maskaq_deploy.export.onnx_export import export_fp_onnx  # noqa: E402
+from maskaq_deploy.export.qdq import export_qdq_onnx  # noqa: E402
+from maskaq_deploy.runtimes import OrtBackend, benchmark_interleaved  # noqa: E402
 
 log = logging.getLogger("ort_latency")
 

@@ -35,8 +35,8 @@ REFERENCE = {1: {"synthesis": 8 / 3.45, "finetune": 8 / 2.21}, 2: {"synthesis": 
 def build(model_name: str, recipe: str, device: torch.device):
     import timm
 
-    from calib import RECIPES, attach_quantizers
-    from calib.dfq.models import make_teacher
+    from maskaq_deploy.calib import RECIPES, attach_quantizers
+    from maskaq_deploy.calib.dfq.models import make_teacher
 
     fp = timm.create_model(model_name, pretrained=False).eval()
     q = copy.deepcopy(fp)
@@ -64,12 +64,12 @@ def _peak(device) -> str:
 
 
 def run_case(args, autocast: str, device: torch.device) -> list[dict]:
-    from calib.calibrate import calibrate_observers
-    from calib.dfq.config import DFQConfig
-    from calib.dfq.finetune import finetune_epoch, make_optimizer
-    from calib.dfq.methods import _autocast_dtype
-    from calib.dfq.models import token_layout
-    from calib.dfq.synthesis import SynthesisSetup, synthesize_batch
+    from maskaq_deploy.calib.calibrate import calibrate_observers
+    from maskaq_deploy.calib.dfq.config import DFQConfig
+    from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
+    from maskaq_deploy.calib.dfq.methods import _autocast_dtype
+    from maskaq_deploy.calib.dfq.models import token_layout
+    from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
 
     _fp, q, teacher, data = build(args.model, args.recipe, device)
     c, h, w = data["input_size"]
@@ -117,11 +117,11 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
 
 def breakdown(args, teacher, q, data, device, autocast) -> list[dict]:
     """Parts of a synthesis step, each timed alone (they overlap nothing, so they roughly add up)."""
-    from calib.dfq import losses as L
-    from calib.dfq.config import DFQConfig
-    from calib.dfq.methods import _autocast_dtype
-    from calib.dfq.models import Capture, frozen, token_layout
-    from calib.dfq.synthesis import autocast_ctx
+    from maskaq_deploy.calib.dfq import losses as L
+    from maskaq_deploy.calib.dfq.config import DFQConfig
+    from maskaq_deploy.calib.dfq.methods import _autocast_dtype
+    from maskaq_deploy.calib.dfq.models import Capture, frozen, token_layout
+    from maskaq_deploy.calib.dfq.synthesis import autocast_ctx
 
     cfg = DFQConfig(autocast=autocast)
     dtype = _autocast_dtype(cfg, device)

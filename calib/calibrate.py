@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calib.quantizers import ActQuantizer, WeightQuantizer
-from calib.quantize import iter_quantizers
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
+from maskaq_deploy.calib.quantize import iter_quantizers
 
 log = logging.getLogger(__name__)
 

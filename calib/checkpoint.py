@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calib.errors import CheckpointError
-from calib.quantize import attach_quantizers, iter_quantizers
-from calib.quantizers import ActQuantizer, WeightQuantizer
-from calib.recipes import Recipe
+from maskaq_deploy.calib.errors import CheckpointError
+from maskaq_deploy.calib.quantize import attach_quantizers, iter_quantizers
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
+from maskaq_deploy.calib.recipes import Recipe
 
 SCHEMA_VERSION = 1
 MODEL_FILE, QUANT_FILE, MANIFEST_FILE = "model.safetensors", "quant.safetensors", "manifest.json"

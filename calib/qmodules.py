@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.quantizers import ActQuantizer, WeightQuantizer
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
 
 
 class QuantLinear(nn.Linear):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from calib.errors import UnsupportedModelError
-from calib.qmodules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
-from calib.quantizers import ActQuantizer, WeightQuantizer
-from calib.recipes import Recipe
+from maskaq_deploy.calib.errors import UnsupportedModelError
+from maskaq_deploy.calib.qmodules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
+from maskaq_deploy.calib.recipes import Recipe
 
 SUPPORTED_FAMILIES = "VisionTransformer (ViT, DeiT), VisionTransformerDistilled (DeiT distilled), SwinTransformer"
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from calib.observers import make_observer
+from maskaq_deploy.calib.observers import make_observer
 
 MIN_BITS, MAX_BITS = 2, 8
 

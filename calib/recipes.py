@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from calib.errors import RecipeError
-from calib.quantizers import MAX_BITS, MIN_BITS
-from calib.tomlfile import read_toml
+from maskaq_deploy.calib.errors import RecipeError
+from maskaq_deploy.calib.quantizers import MAX_BITS, MIN_BITS
+from maskaq_deploy.calib.tomlfile import read_toml
 
 
 RECIPE_VERSION = 1

@@ -1,38 +1,39 @@
 """Export: torch -> QDQ ONNX (TensorRT and onnxruntime flavours), INT4 packing, conformance checks, inspection.
 
-Public names are resolved lazily, so ``import export.rules`` (or the CLI's ``--help``) does not pull in torch.
+Public names are resolved lazily, so ``import maskaq_deploy.export.rules`` (or the CLI's ``--help``) does not
+pull in torch.
 """
 
 import importlib
 
 _LAZY = {
     # errors
-    "ExportError": "export.errors",
-    "ExportInputError": "export.errors",
-    "UnsupportedOpError": "export.errors",
-    "UnsupportedModelError": "export.errors",
-    "TargetError": "export.errors",
-    "OnnxFileError": "export.errors",
-    "NoQDQError": "export.errors",
+    "ExportError": "maskaq_deploy.export.errors",
+    "ExportInputError": "maskaq_deploy.export.errors",
+    "UnsupportedOpError": "maskaq_deploy.export.errors",
+    "UnsupportedModelError": "maskaq_deploy.export.errors",
+    "TargetError": "maskaq_deploy.export.errors",
+    "OnnxFileError": "maskaq_deploy.export.errors",
+    "NoQDQError": "maskaq_deploy.export.errors",
     # torch -> ONNX
-    "export_fp_onnx": "export.onnx_export",
-    "ExportOptions": "export.onnx_export",
-    "DEFAULT_OPSET": "export.onnx_export",
-    "INT4_OPSET": "export.onnx_export",
-    "export_qdq_onnx": "export.qdq",
-    "build_qdq_model": "export.qdq",
-    "QDQExport": "export.qdq",
-    "FLAVOURS": "export.qdq",
+    "export_fp_onnx": "maskaq_deploy.export.onnx_export",
+    "ExportOptions": "maskaq_deploy.export.onnx_export",
+    "DEFAULT_OPSET": "maskaq_deploy.export.onnx_export",
+    "INT4_OPSET": "maskaq_deploy.export.onnx_export",
+    "export_qdq_onnx": "maskaq_deploy.export.qdq",
+    "build_qdq_model": "maskaq_deploy.export.qdq",
+    "QDQExport": "maskaq_deploy.export.qdq",
+    "FLAVOURS": "maskaq_deploy.export.qdq",
     # per-op rules, conformance, inspection
-    "REGISTRY": "export.registry",
-    "OpRule": "export.registry",
-    "InputKind": "export.registry",
-    "Violation": "export.rules",
-    "check": "export.rules",
-    "check_tensorrt": "export.rules",
-    "check_onnxruntime": "export.rules",
-    "inspect_onnx": "export.inspect",
-    "InspectReport": "export.inspect",
+    "REGISTRY": "maskaq_deploy.export.registry",
+    "OpRule": "maskaq_deploy.export.registry",
+    "InputKind": "maskaq_deploy.export.registry",
+    "Violation": "maskaq_deploy.export.rules",
+    "check": "maskaq_deploy.export.rules",
+    "check_tensorrt": "maskaq_deploy.export.rules",
+    "check_onnxruntime": "maskaq_deploy.export.rules",
+    "inspect_onnx": "maskaq_deploy.export.inspect",
+    "InspectReport": "maskaq_deploy.export.inspect",
 }
 
 __all__ = sorted(_LAZY)
@@ -41,5 +42,5 @@ __all__ = sorted(_LAZY)
 def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'export' has no attribute {name!r}")
+        raise AttributeError(f"module 'maskaq_deploy.export' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.checkpoint import atomic_write_bytes, atomic_write_json
-from export.errors import ExportError
-from export.tensorrt import ModelIO, profile_shapes, read_model_io
+from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json
+from maskaq_deploy.export.errors import ExportError
+from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
 
 BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"
@@ -221,7 +221,7 @@ def _check_golden(golden_inputs, io: ModelIO) -> np.ndarray:
 
 
 def _template_text() -> str:
-    return importlib.resources.files("export").joinpath("templates", VERIFY_SCRIPT).read_text()
+    return importlib.resources.files("maskaq_deploy.export").joinpath("templates", VERIFY_SCRIPT).read_text()
 
 
 def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_batch: int = 1,

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from export.errors import ExportError
+from maskaq_deploy.export.errors import ExportError
 
 INT4_MIN, INT4_MAX = -8, 7
 MS_DOMAIN = "com.microsoft"

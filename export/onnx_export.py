@@ -31,7 +31,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.errors import ExportError, UnsupportedModelError, UnsupportedOpError
+from maskaq_deploy.export.errors import ExportError, UnsupportedModelError, UnsupportedOpError
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def export_fp_onnx(model: nn.Module, path, *, input_shape=None, batch_size: int 
     """Export the float function of ``model`` (quantizers, if any, switched off) to ``path``; returns it."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
-    from calib.quantize import quantizers_enabled
+    from maskaq_deploy.calib.quantize import quantizers_enabled
 
     options = ExportOptions(input_shape or input_shape_of(model), batch_size, dynamic_batch, opset)
     with quantizers_enabled(model, False):
@@ -266,7 +266,7 @@ def save_onnx(proto: onnx.ModelProto, path) -> Path:
     data = proto.SerializeToString()
     if len(data) >= 2**31 - 1:
         raise ExportError(f"{path.name}: the model is over 2 GB, which one ONNX file cannot hold")
-    from calib.checkpoint import atomic_path
+    from maskaq_deploy.calib.checkpoint import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

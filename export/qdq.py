@@ -41,10 +41,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from export import int4
-from export.errors import ExportError, TargetError, UnsupportedModelError, UnsupportedOpError
-from export.inspect import BITS_METADATA_KEY  # JSON {tensor: bit width} of Q/DQ outputs, quantized weights
-from export.onnx_export import (
+from maskaq_deploy.export import int4
+from maskaq_deploy.export.errors import ExportError, TargetError, UnsupportedModelError, UnsupportedOpError
+# BITS_METADATA_KEY: JSON {tensor: bit width} of Q/DQ outputs and quantized weights
+from maskaq_deploy.export.inspect import BITS_METADATA_KEY
+from maskaq_deploy.export.onnx_export import (
     DEFAULT_OPSET,
     INT4_OPSET,
     MARKER_DOMAIN,
@@ -57,8 +58,8 @@ from export.onnx_export import (
     set_metadata,
     trace_to_onnx,
 )
-from export.registry import REGISTRY, InputKind, OpRule
-from export.rules import GraphView
+from maskaq_deploy.export.registry import REGISTRY, InputKind, OpRule
+from maskaq_deploy.export.rules import GraphView
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def weight_params(name: str, q, weight: torch.Tensor) -> WeightParams:
 
 def collect_quantizers(model: nn.Module) -> dict:
     """{name: quantizer} of every enabled quantizer; raises if the model has none."""
-    from calib.quantize import iter_quantizers
+    from maskaq_deploy.calib.quantize import iter_quantizers
 
     found = {n: q for n, q in iter_quantizers(model) if q.enabled}
     if not found:
@@ -594,7 +595,7 @@ def trace_quantized(model: nn.Module, options: ExportOptions) -> MarkedGraph:
     """Trace a calibrated quantized model with markers and read its quantizers' parameters."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
-    from calib.quantizers import WeightQuantizer
+    from maskaq_deploy.calib.quantizers import WeightQuantizer
 
     quantizers = collect_quantizers(model)
     params = {}

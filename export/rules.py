@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from export.errors import OnnxFileError
-from export.int4 import int4_initializer_to_array
-from export.registry import int4_consumers, trt_float_only_ops
+from maskaq_deploy.export.errors import OnnxFileError
+from maskaq_deploy.export.int4 import int4_initializer_to_array
+from maskaq_deploy.export.registry import int4_consumers, trt_float_only_ops
 
 TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
 TRT_QDQ_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}

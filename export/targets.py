@@ -14,8 +14,8 @@ activations are refused with a message naming the recipe, the reason and the rec
 
 from __future__ import annotations
 
-from calib.recipes import RECIPES, Recipe
-from export.errors import TargetError
+from maskaq_deploy.calib.recipes import RECIPES, Recipe
+from maskaq_deploy.export.errors import TargetError
 
 TARGETS = ("tensorrt", "onnxruntime")
 

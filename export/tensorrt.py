@@ -22,7 +22,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from export.errors import ExportError
+from maskaq_deploy.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def build_engine(onnx_path, out_dir, *, min_batch: int = 1, opt_batch: int | Non
     ``workspace_mib`` caps the builder's workspace pool. ``timing_cache`` is a file path: loaded when it
     exists, written back (atomically) after the build, so rebuilds on the same GPU are faster.
     """
-    from calib.checkpoint import atomic_write_bytes
+    from maskaq_deploy.calib.checkpoint import atomic_write_bytes
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():

@@ -23,14 +23,14 @@ log = logging.getLogger("maskaq_deploy")
 
 def _typed_errors():
     """(exception classes, exit code) pairs, most specific first."""
-    from calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
+    from maskaq_deploy.calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
     from maskaq_deploy.errors import MaskAQError
-    from runtimes.errors import BackendError
+    from maskaq_deploy.runtimes.errors import BackendError
 
     pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
              (CheckpointError, EXIT_FAILURE), (QuantError, EXIT_FAILURE), (BackendError, EXIT_FAILURE)]
     try:
-        from export.errors import ExportError, ExportInputError
+        from maskaq_deploy.export.errors import ExportError, ExportInputError
 
         pairs[1:1] = [(ExportInputError, EXIT_USAGE), (ExportError, EXIT_FAILURE)]
     except ImportError:  # pragma: no cover - export package always ships
@@ -240,8 +240,7 @@ def _setup_logging(quiet: bool = False, verbose: bool = False):
     level = logging.DEBUG if verbose else logging.INFO
     # our packages log at INFO; third-party libraries (the ONNX exporter is chatty) only at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("maskaq_deploy", "calib", "export", "runtimes"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("maskaq_deploy").setLevel(level)  # calib, export and runtimes are its subpackages
 
 
 def _print_report(report: dict) -> None:
@@ -285,8 +284,7 @@ def calibrate(out, force, quiet, resume, **kw):
     _setup_logging(quiet)
     if rank != 0:  # under torchrun rank 0 alone shows progress and the result; the others only warn
         quiet = True
-        for name in ("maskaq_deploy", "calib", "export", "runtimes"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("maskaq_deploy").setLevel(logging.WARNING)
     model_cfg, calib_cfg = resolve_configs(kw)
     with _ProgressView(quiet) as view:
         manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view)
@@ -309,7 +307,7 @@ def calibrate(out, force, quiet, resume, **kw):
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
-    from calib.checkpoint import read_manifest
+    from maskaq_deploy.calib.checkpoint import read_manifest
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import verify as run_verify
 
@@ -340,7 +338,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     """Calibrate -> export -> verify (-> TensorRT bundle and engine): the whole chain on one model.
 
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
-    from calib import get_recipe
+    from maskaq_deploy.calib import get_recipe
 
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
@@ -396,7 +394,7 @@ def inspect_cmd(model):
     from rich.console import Console
     from rich.table import Table
 
-    from export.inspect import inspect_onnx
+    from maskaq_deploy.export.inspect import inspect_onnx
 
     rep = inspect_onnx(model)
     console = Console()

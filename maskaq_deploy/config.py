@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from calib.tomlfile import read_toml as read_toml_file
+from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.errors import UsageError
 
 
@@ -64,7 +64,7 @@ class CalibrateConfig:
 
     def dfq_config(self):
         """The DFQConfig of this run: the preset's values, then the [dfq] overrides, seed and image count."""
-        from calib.dfq import DFQConfig
+        from maskaq_deploy.calib.dfq import DFQConfig
 
         overrides = {**self.dfq, "seed": self.seed}
         if self.num_images is not None:

@@ -41,8 +41,8 @@ def check_target(recipe_name: str, target: str) -> None:
         raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "torch":
         return
-    from calib import get_recipe
-    from export.targets import check_recipe_for_target
+    from maskaq_deploy.calib import get_recipe
+    from maskaq_deploy.export.targets import check_recipe_for_target
 
     check_recipe_for_target(get_recipe(recipe_name), target)
 
@@ -50,8 +50,8 @@ def check_target(recipe_name: str, target: str) -> None:
 def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None = None, fp_too: bool = True,
                batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
     """Export the checkpoint in ``run_dir`` to QDQ ONNX (and its float graph to RUN/model.onnx)."""
-    from calib import load_quantized_checkpoint
-    from export import export_fp_onnx, export_qdq_onnx
+    from maskaq_deploy.calib import load_quantized_checkpoint
+    from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx
 
     if flavour not in ("onnxruntime", "tensorrt"):
         raise UsageError(f"unknown export flavour {flavour!r}; use --for onnxruntime or --for tensorrt")
@@ -67,7 +67,7 @@ def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None 
     fp_path = None
     if fp_too:
         fp_path = run_dir / FP_ONNX
-        from calib.quantize import quantizers_enabled
+        from maskaq_deploy.calib.quantize import quantizers_enabled
         from maskaq_deploy.pipeline import reload_fp_model
 
         fp = reload_fp_model(manifest).model
@@ -79,15 +79,15 @@ def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None 
 
 def _check_recipe(manifest: dict, target: str) -> None:
     """The checkpoint's own recipe (built-in or custom) against ``target``."""
-    from calib.recipes import Recipe
-    from export.targets import check_recipe_for_target
+    from maskaq_deploy.calib.recipes import Recipe
+    from maskaq_deploy.export.targets import check_recipe_for_target
 
     check_recipe_for_target(Recipe.from_dict(manifest["recipe"]), target)
 
 
 def conformance(qdq_path) -> list:
     """TensorRT explicit-quantization violations of a QDQ graph (empty list: conformant)."""
-    from export.rules import check_tensorrt
+    from maskaq_deploy.export.rules import check_tensorrt
 
     return [v for v in check_tensorrt(str(qdq_path)) if getattr(v, "severity", "error") == "error"]
 
@@ -98,7 +98,7 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
 
     run_dir = Path(run_dir)
     if runtime == "onnxruntime":
-        from runtimes.ort_backend import OrtBackend
+        from maskaq_deploy.runtimes.ort_backend import OrtBackend
 
         path = Path(artifact) if artifact else run_dir / QDQ_ONNX
         if not path.is_file():
@@ -107,7 +107,7 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
         backend = OrtBackend(path)
         info = {"artifact": path.name}
     elif runtime == "tensorrt":
-        from runtimes.tensorrt_backend import TensorRTBackend
+        from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
 
         path = Path(artifact) if artifact else run_dir / ENGINE
         backend = TensorRTBackend(path)
@@ -128,7 +128,7 @@ def golden_inputs(images, n: int = GOLDEN_IMAGES) -> np.ndarray:
 
 
 def write_tensorrt_bundle(run_dir, qdq_path, images, manifest: dict, *, max_batch: int = 32) -> Path:
-    from export.bundle import write_bundle
+    from maskaq_deploy.export.bundle import write_bundle
 
     bundle_manifest = {"model": manifest["model"], "recipe": manifest["recipe"], "method": manifest["method"],
                        "versions": manifest.get("versions", {})}
@@ -138,7 +138,7 @@ def write_tensorrt_bundle(run_dir, qdq_path, images, manifest: dict, *, max_batc
 def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: int | None = None,
                      timing_cache=None):
     """Build RUN/model.engine; returns (EngineInfo, None) or (None, reason) when TensorRT/GPU is missing."""
-    from export.tensorrt import EngineUnavailable, build_engine
+    from maskaq_deploy.export.tensorrt import EngineUnavailable, build_engine
 
     try:
         return build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,

@@ -170,8 +170,8 @@ def resolve_data_config(model: nn.Module, cfg: ModelConfig, base: dict | None = 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the model of ``cfg`` in eval mode, with its weights and its data config."""
-    from calib.errors import UnsupportedModelError
-    from calib.quantize import check_supported
+    from maskaq_deploy.calib.errors import UnsupportedModelError
+    from maskaq_deploy.calib.quantize import check_supported
 
     sha = None
     if cfg.name == EMBEDDED:

@@ -66,7 +66,7 @@ def default_data(model_cfg: ModelConfig, part: str, given: str | None, what: str
 def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
     import copy
 
-    from calib import attach_quantizers, get_recipe
+    from maskaq_deploy.calib import attach_quantizers, get_recipe
 
     recipe = get_recipe(cfg.recipe)
     qmodel = copy.deepcopy(loaded.model)
@@ -81,8 +81,8 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     Under torchrun every process calls this; the returned manifest is the same on every rank, the files are
     written by rank 0 only.
     """
-    from calib import save_quantized_checkpoint
-    from calib.dfq import distributed
+    from maskaq_deploy.calib import save_quantized_checkpoint
+    from maskaq_deploy.calib.dfq import distributed
 
     dist = distributed.setup(cfg.device)
     out = Path(out)
@@ -135,7 +135,7 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
 
 
 def _effective_dfq(cfg: CalibrateConfig) -> dict:
-    from calib.dfq import effective_config
+    from maskaq_deploy.calib.dfq import effective_config
 
     return effective_config(cfg.method, cfg.dfq_config()).to_dict()
 
@@ -143,7 +143,7 @@ def _effective_dfq(cfg: CalibrateConfig) -> dict:
 def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
                 *, resume: bool, progress, dist=None) -> dict:
     """Calibrate (and, when the method fine-tunes, train) ``qmodel`` in place; return a summary."""
-    from calib.dfq import run_calibration
+    from maskaq_deploy.calib.dfq import run_calibration
 
     real_x = real_y = None
     if real is not None:
@@ -191,8 +191,8 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
            batch_size: int = 256, artifact=None) -> dict:
     """Evaluate the quantized checkpoint (torch fake-quant, or an exported artifact on another runtime)
     against the full-precision model on ``val_data``; write and return RUN/report.json."""
-    from calib import load_quantized_checkpoint
-    from calib.checkpoint import atomic_write_json
+    from maskaq_deploy.calib import load_quantized_checkpoint
+    from maskaq_deploy.calib.checkpoint import atomic_write_json
     from maskaq_deploy.report import merge_report
 
     run_dir = Path(run_dir)
@@ -276,7 +276,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
           bundle_only: bool = False, progress=None, resume: bool = False) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
     and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
-    from calib.dfq.distributed import env_world
+    from maskaq_deploy.calib.dfq.distributed import env_world
     from maskaq_deploy import deploy
 
     if env_world()[1] > 1:
@@ -302,7 +302,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
     report = verify(out, val_data, runtime="onnxruntime", limit=limit)
     engine_reason = None
     if target == "tensorrt":
-        from calib import load_quantized_checkpoint
+        from maskaq_deploy.calib import load_quantized_checkpoint
 
         _, manifest = load_quantized_checkpoint(out)
         images = load_image_set(report["val_data"], manifest["model"]["data_config"], "--val-data")
@@ -314,7 +314,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
     report["seconds"]["export"] = export_s
     report["seconds"]["build_total"] = round(time.perf_counter() - t0, 3)
     report["target"] = target
-    from calib.checkpoint import atomic_write_json
+    from maskaq_deploy.calib.checkpoint import atomic_write_json
 
     atomic_write_json(out / REPORT_FILE, report)
     return BuildResult(report, _listing(out), engine_reason)
@@ -331,8 +331,8 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     import onnx
 
     from maskaq_deploy import deploy
-    from runtimes.bench import benchmark
-    from runtimes.ort_backend import OrtBackend
+    from maskaq_deploy.runtimes.bench import benchmark
+    from maskaq_deploy.runtimes.ort_backend import OrtBackend
 
     path = Path(artifact)
     if path.is_dir():

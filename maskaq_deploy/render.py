@@ -53,7 +53,7 @@ class Section:
 def write_reports(run_dir, report: dict, manifest: dict, *, sensitivity_rows: list[dict] | None = None,
                   latency_rows: list[dict] | None = None) -> tuple[Path, Path]:
     """Write RUN/report.md and RUN/report.html (atomically); return their paths."""
-    from calib.checkpoint import atomic_write_bytes
+    from maskaq_deploy.calib.checkpoint import atomic_write_bytes
 
     run_dir = Path(run_dir)
     if sensitivity_rows is None:

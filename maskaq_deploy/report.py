@@ -113,7 +113,7 @@ def finish_report(run_dir, report: dict, *, limits=None, latency_rows: list[dict
     it), rewrite RUN/report.json, and write RUN/report.md and RUN/report.html. Never raises on a breach: the
     caller reads ``.gate.passed`` (the CLI exits 4). A baseline refused here (other images) raises its
     UsageError after the files are written, with ``gate`` null."""
-    from calib.checkpoint import atomic_write_json, read_manifest
+    from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
     from maskaq_deploy import gate as gate_mod
     from maskaq_deploy.render import write_reports
 
@@ -163,7 +163,7 @@ def finish_report(run_dir, report: dict, *, limits=None, latency_rows: list[dict
 def record_latency(run_dir, rows: list[dict]) -> Path | None:
     """Keep bench's latency rows: RUN/latency.json always; when RUN/report.json exists, also its ``latency``
     key and a fresh report.md / report.html (gate and sensitivity as they were). Returns the report path."""
-    from calib.checkpoint import atomic_write_json, read_manifest
+    from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
     from maskaq_deploy.render import write_reports
 
     run_dir = Path(run_dir)
@@ -204,7 +204,7 @@ def _val_images(report: dict, manifest: dict):
 
 
 def _sensitivity(run_dir: Path, images) -> list[dict]:
-    from calib import load_quantized_checkpoint
+    from maskaq_deploy.calib import load_quantized_checkpoint
     from maskaq_deploy.sensitivity import layer_sensitivity
 
     qmodel, _ = load_quantized_checkpoint(run_dir)

@@ -43,8 +43,8 @@ TOLERANCE = 1e-9
 
 def quantized_layers(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every quantized module that owns at least one quantizer, in forward order."""
-    from calib.qmodules import QuantConv2d, QuantLinear, QuantMatMul
-    from calib.quantize import iter_quantizers
+    from maskaq_deploy.calib.qmodules import QuantConv2d, QuantLinear, QuantMatMul
+    from maskaq_deploy.calib.quantize import iter_quantizers
 
     return [(name, mod) for name, mod in qmodel.named_modules()
             if isinstance(mod, (QuantLinear, QuantConv2d, QuantMatMul)) and any(True for _ in iter_quantizers(mod))]
@@ -117,7 +117,7 @@ def layer_sensitivity(qmodel: nn.Module, images, limit: int | None = None, *, ba
     (Linear / Conv2d / MatMul), ``bits`` (e.g. "w4a4"), ``sqnr_db`` (None: exact), ``weight_sqnr_db``,
     ``act_sqnr_db``, ``index`` (position in forward order).
     """
-    from calib.quantize import iter_quantizers, quantizers_enabled
+    from maskaq_deploy.calib.quantize import iter_quantizers, quantizers_enabled
 
     layers = quantized_layers(qmodel)
     out_e = {name: _Energy() for name, _ in layers}
@@ -175,7 +175,7 @@ def layer_sensitivity(qmodel: nn.Module, images, limit: int | None = None, *, ba
 
 
 def _kind(mod: nn.Module) -> str:
-    from calib.qmodules import QuantConv2d, QuantLinear
+    from maskaq_deploy.calib.qmodules import QuantConv2d, QuantLinear
 
     return "Linear" if isinstance(mod, QuantLinear) else "Conv2d" if isinstance(mod, QuantConv2d) else "MatMul"
 
@@ -186,7 +186,7 @@ def _bits(w_bits, a_bits) -> str:
 
 def set_layers_float(qmodel: nn.Module, names, enabled: bool = False) -> None:
     """Switch the quantizers of the named modules off (float) or back on."""
-    from calib.quantize import iter_quantizers
+    from maskaq_deploy.calib.quantize import iter_quantizers
 
     for name in names:
         for _, q in iter_quantizers(qmodel.get_submodule(name)):
@@ -249,7 +249,7 @@ def suggest_keep_fp(run_dir, val_images=None, max_drop: float = 1.0, *, rows: li
     ``val_images``: an ImageSet, a --val-data spec, or None (the embedded test set for the embedded model).
     ``rows``: a ``layer_sensitivity`` table to follow (computed on the search subset when None).
     """
-    from calib import load_quantized_checkpoint
+    from maskaq_deploy.calib import load_quantized_checkpoint
     from maskaq_deploy.errors import UsageError
     from maskaq_deploy.pipeline import _logits, reload_fp_model
 
@@ -344,8 +344,8 @@ def analyze(run_dir, val_data=None, *, max_drop: float = 1.0, limit: int | None 
             search_images: int = 2000, sensitivity_images: int = 256, batch_size: int = 256) -> dict:
     """What ``maskaq-deploy sensitivity RUN`` does: the per-layer table and the --keep-fp suggestion, also
     written to RUN/sensitivity.json. Returns that dict ({"rows", "suggestion", ...})."""
-    from calib import load_quantized_checkpoint
-    from calib.checkpoint import atomic_write_json
+    from maskaq_deploy.calib import load_quantized_checkpoint
+    from maskaq_deploy.calib.checkpoint import atomic_write_json
 
     run_dir = Path(run_dir)
     qmodel, manifest = load_quantized_checkpoint(run_dir)

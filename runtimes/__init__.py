@@ -1,11 +1,11 @@
 """Runtimes: run any artifact the same way (torch fake-quant reference, onnxruntime, TensorRT)."""
 
-from runtimes.base import Backend
-from runtimes.errors import BackendError, BackendUnavailable
-from runtimes.compare import compare_logits, sqnr_db
-from runtimes.bench import benchmark, benchmark_interleaved, time_runs
-from runtimes.ort_backend import OrtBackend, available_providers
-from runtimes.torch_backend import TorchBackend
+from maskaq_deploy.runtimes.base import Backend
+from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.compare import compare_logits, sqnr_db
+from maskaq_deploy.runtimes.bench import benchmark, benchmark_interleaved, time_runs
+from maskaq_deploy.runtimes.ort_backend import OrtBackend, available_providers
+from maskaq_deploy.runtimes.torch_backend import TorchBackend
 
 __all__ = [
     "Backend",

@@ -13,7 +13,7 @@ import abc
 
 import numpy as np
 
-from runtimes.errors import BackendUnavailable
+from maskaq_deploy.runtimes.errors import BackendUnavailable
 
 
 class Backend(abc.ABC):

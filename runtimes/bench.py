@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes.base import Backend
+from maskaq_deploy.runtimes.base import Backend
 
 
 def time_runs(backend: Backend, batch: np.ndarray, *, warmup: int = 5, iterations: int = 30) -> list[float]:

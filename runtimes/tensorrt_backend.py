@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import Backend
-from runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.base import Backend
+from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
 
 log = logging.getLogger(__name__)
 

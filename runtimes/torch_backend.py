@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtimes.base import Backend
-from runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.base import Backend
+from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
 
 
 class TorchBackend(Backend):

@@ -1,15 +1,15 @@
 """Data-free calibration of quantized ViTs: MaskAQ synthesis and fine-tuning, and the baselines (PSAQ-ViT,
 Gaussian noise, real images) through the same code.
 
-    from calib.dfq import DFQConfig, run_calibration
+    from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
     summary = run_calibration(fp_model, q_model, method="maskaq", config=DFQConfig.from_preset("fast"),
                               data_config={"mean": ..., "std": ..., "input_size": (C, H, W)}, run_dir=RUN)
 """
 
-from calib.dfq.config import METHODS, PRESETS, DFQConfig, load_dfq_toml, preset_values
-from calib.dfq.errors import DFQConfigError, ResumeError, SynthesisError
-from calib.dfq.images import save_image_grid
-from calib.dfq.methods import effective_config, run_calibration
+from maskaq_deploy.calib.dfq.config import METHODS, PRESETS, DFQConfig, load_dfq_toml, preset_values
+from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError, SynthesisError
+from maskaq_deploy.calib.dfq.images import save_image_grid
+from maskaq_deploy.calib.dfq.methods import effective_config, run_calibration
 
 __all__ = [
     "METHODS",

@@ -14,8 +14,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from calib.dfq.errors import DFQConfigError
-from calib.tomlfile import read_toml
+from maskaq_deploy.calib.dfq.errors import DFQConfigError
+from maskaq_deploy.calib.tomlfile import read_toml
 
 
 DFQ_CONFIG_VERSION = 1

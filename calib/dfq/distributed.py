@@ -37,7 +37,7 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from calib.errors import QuantError
+from maskaq_deploy.calib.errors import QuantError
 
 log = logging.getLogger(__name__)
 

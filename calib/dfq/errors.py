@@ -1,6 +1,6 @@
 """Typed errors of data-free calibration (all are ``calib.errors.QuantError``s with one-line messages)."""
 
-from calib.errors import QuantError
+from maskaq_deploy.calib.errors import QuantError
 
 
 class DFQConfigError(QuantError, ValueError):

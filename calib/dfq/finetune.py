@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.dfq import losses as L
-from calib.dfq.augment import resized_crop_flip
-from calib.dfq.config import DFQConfig
-from calib.dfq.distributed import DistContext, DistributedError
-from calib.dfq.models import Capture, TokenLayout, group_by_shape
-from calib.dfq.state import derive_seed, generators
-from calib.dfq.synthesis import autocast_ctx
+from maskaq_deploy.calib.dfq import losses as L
+from maskaq_deploy.calib.dfq.augment import resized_crop_flip
+from maskaq_deploy.calib.dfq.config import DFQConfig
+from maskaq_deploy.calib.dfq.distributed import DistContext, DistributedError
+from maskaq_deploy.calib.dfq.models import Capture, TokenLayout, group_by_shape
+from maskaq_deploy.calib.dfq.state import derive_seed, generators
+from maskaq_deploy.calib.dfq.synthesis import autocast_ctx
 
 
 def make_optimizer(student: nn.Module, cfg: DFQConfig) -> torch.optim.SGD:

@@ -38,17 +38,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from calib.calibrate import calibrate_observers
-from calib.dfq import distributed
-from calib.dfq.config import METHODS, DFQConfig
-from calib.dfq.distributed import DistContext
-from calib.dfq.errors import DFQConfigError, SynthesisError
-from calib.dfq.finetune import finetune_epoch, make_optimizer
-from calib.dfq.images import save_image_grid
-from calib.dfq.models import make_teacher, token_layout
-from calib.dfq.state import RunState, derive_seed, model_fingerprint
-from calib.dfq.synthesis import SynthesisSetup, synthesize_batch
-from calib.quantize import iter_quantizers
+from maskaq_deploy.calib.calibrate import calibrate_observers
+from maskaq_deploy.calib.dfq import distributed
+from maskaq_deploy.calib.dfq.config import METHODS, DFQConfig
+from maskaq_deploy.calib.dfq.distributed import DistContext
+from maskaq_deploy.calib.dfq.errors import DFQConfigError, SynthesisError
+from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
+from maskaq_deploy.calib.dfq.images import save_image_grid
+from maskaq_deploy.calib.dfq.models import make_teacher, token_layout
+from maskaq_deploy.calib.dfq.state import RunState, derive_seed, model_fingerprint
+from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
+from maskaq_deploy.calib.quantize import iter_quantizers
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _hash_tensor(t: torch.Tensor) -> str:
 
 
 def _recipe_fingerprint(q_model: nn.Module) -> str:
-    from calib.checkpoint import quantizer_spec
+    from maskaq_deploy.calib.checkpoint import quantizer_spec
 
     specs = {name: quantizer_spec(q) for name, q in iter_quantizers(q_model)}
     return hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]

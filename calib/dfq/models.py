@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calib.errors import UnsupportedModelError
-from calib.quantize import attention_modules, set_quantizers_enabled
+from maskaq_deploy.calib.errors import UnsupportedModelError
+from maskaq_deploy.calib.quantize import attention_modules, set_quantizers_enabled
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calib.checkpoint import atomic_path, atomic_write_json
-from calib.dfq.distributed import SINGLE, DistContext
-from calib.dfq.errors import ResumeError
+from maskaq_deploy.calib.checkpoint import atomic_path, atomic_write_json
+from maskaq_deploy.calib.dfq.distributed import SINGLE, DistContext
+from maskaq_deploy.calib.dfq.errors import ResumeError
 
 STATE_VERSION = 1
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.dfq import losses as L
-from calib.dfq.augment import synthesis_augment
-from calib.dfq.config import DFQConfig
-from calib.dfq.models import Capture, TokenLayout, frozen, group_by_shape
-from calib.dfq.state import generators
+from maskaq_deploy.calib.dfq import losses as L
+from maskaq_deploy.calib.dfq.augment import synthesis_augment
+from maskaq_deploy.calib.dfq.config import DFQConfig
+from maskaq_deploy.calib.dfq.models import Capture, TokenLayout, frozen, group_by_shape
+from maskaq_deploy.calib.dfq.state import generators
 
 log = logging.getLogger(__name__)
 

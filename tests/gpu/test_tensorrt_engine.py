@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.bundle import write_bundle
-from export.tensorrt import build_engine
-from runtimes.tensorrt_backend import TensorRTBackend
+from maskaq_deploy.export.bundle import write_bundle
+from maskaq_deploy.export.tensorrt import build_engine
+from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
 
 pytestmark = pytest.mark.tensorrt
 
@@ -154,7 +154,7 @@ def test_bundle_verify_script_passes_on_a_real_engine(tmp_path, images, capsys):
 
 
 def test_backend_rejects_wrong_image_shape(tmp_path, images):
-    from runtimes.errors import BackendError
+    from maskaq_deploy.runtimes.errors import BackendError
 
     info = build_engine(qdq_graph(tmp_path / "w8a8.onnx"), tmp_path, max_batch=4)
     with TensorRTBackend(info.path) as rt, pytest.raises(BackendError, match="takes images of shape"):
@@ -168,9 +168,9 @@ def test_exported_tiny_vit_engine_matches_its_golden_outputs(tmp_path, recipe):
     import timm
     import torch
 
-    from calib import RECIPES, attach_quantizers, calibrate_observers
-    from export.qdq import export_qdq_onnx
-    from export.targets import check_recipe_for_target
+    from maskaq_deploy.calib import RECIPES, attach_quantizers, calibrate_observers
+    from maskaq_deploy.export.qdq import export_qdq_onnx
+    from maskaq_deploy.export.targets import check_recipe_for_target
 
     check_recipe_for_target(RECIPES[recipe], "tensorrt")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=128,

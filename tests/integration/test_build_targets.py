@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from export.rules import check_tensorrt
+from maskaq_deploy.export.rules import check_tensorrt
 from maskaq_deploy.cli import cli
 
 FAST = ["--method", "real", "--num-images", "32", "--limit", "256", "--quiet"]

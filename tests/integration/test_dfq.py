@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calib import RECIPES, attach_quantizers, iter_quantizers
-from calib.dfq import DFQConfig, ResumeError, run_calibration
-from calib.dfq.finetune import finetune_epoch, make_optimizer
-from calib.dfq.models import make_teacher, token_layout
-from calib.dfq.synthesis import SynthesisSetup, synthesize_batch
-from calib.quantizers import ActQuantizer
+from maskaq_deploy.calib import RECIPES, attach_quantizers, iter_quantizers
+from maskaq_deploy.calib.dfq import DFQConfig, ResumeError, run_calibration
+from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
+from maskaq_deploy.calib.dfq.models import make_teacher, token_layout
+from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
+from maskaq_deploy.calib.quantizers import ActQuantizer
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
             "mlp_ratio": 2.0}
@@ -160,7 +160,7 @@ def test_teacher_is_frozen_and_never_receives_gradients():
     assert all(not p.requires_grad for p in teacher.parameters())
     assert not any(p.data_ptr() == t.data_ptr() for p in teacher.parameters() for t in q.parameters())
     t_before = q_state(teacher)
-    from calib.calibrate import calibrate_observers
+    from maskaq_deploy.calib.calibrate import calibrate_observers
 
     calibrate_observers(q, lambda m: m(torch.randn(8, 1, 16, 16)))
     cfg = DFQConfig(iterations=3, batch_size=4, epochs=1, ft_batch_size=4)
@@ -202,7 +202,7 @@ CHILD = textwrap.dedent("""
     def slow(event):
         time.sleep(0.02)  # give the parent time to kill us mid-run
     fp, q = tiny_models()
-    from calib.dfq import DFQConfig, run_calibration
+    from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
     from test_dfq import SMALL, DATA
     run_calibration(fp, q, method="maskaq", config=DFQConfig(**SMALL), data_config=DATA, run_dir={run_dir!r},
                     progress=slow)
@@ -265,7 +265,7 @@ def test_baselines_calibrate_through_the_same_entry(tmp_path, method):
 
 def test_real_method_needs_images(tmp_path):
     fp, q = tiny_models()
-    from calib.dfq import DFQConfigError
+    from maskaq_deploy.calib.dfq import DFQConfigError
 
     with pytest.raises(DFQConfigError, match="needs real images"):
         run_calibration(fp, q, method="real", config=DFQConfig(), data_config=DATA, run_dir=tmp_path)

@@ -313,7 +313,7 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(tmp_path):
 
 
 def test_setup_passes_the_timeout(monkeypatch):
-    from calib.dfq import distributed
+    from maskaq_deploy.calib.dfq import distributed
 
     seen = {}
 
@@ -337,7 +337,7 @@ def test_setup_passes_the_timeout(monkeypatch):
 
 
 def test_a_single_process_joins_no_process_group(monkeypatch):
-    from calib.dfq import distributed
+    from maskaq_deploy.calib.dfq import distributed
 
     for world in (None, "1"):
         if world is None:
@@ -356,7 +356,7 @@ def test_a_single_process_joins_no_process_group(monkeypatch):
 
 
 def test_local_slices_cover_the_global_batch_once():
-    from calib.dfq.finetune import _local_slice
+    from maskaq_deploy.calib.dfq.finetune import _local_slice
 
     for n in (1, 2, 7, 8):
         x, y = torch.arange(n).float().reshape(n, 1), torch.arange(n)
@@ -373,7 +373,7 @@ def test_cli_names_the_failed_rank(monkeypatch, rank, mirrored):
     from click.testing import CliRunner
 
     import maskaq_deploy.pipeline as pipeline
-    from calib.dfq.errors import SynthesisError
+    from maskaq_deploy.calib.dfq.errors import SynthesisError
     from maskaq_deploy.cli import cli
 
     def fail(*args, **kwargs):

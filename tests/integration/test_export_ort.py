@@ -16,15 +16,16 @@ import timm
 import torch
 from torch import nn
 
-from calib import attach_quantizers, calibrate_observers, get_recipe, iter_quantizers
-from calib.calibrate import batches_forward_loop
-from calib.quantizers import ActQuantizer, WeightQuantizer
-from export.errors import ExportError, NoQDQError, TargetError, UnsupportedModelError, UnsupportedOpError
-from export.inspect import inspect_onnx
-from export.onnx_export import export_fp_onnx
-from export.qdq import act_params, default_options, export_qdq_onnx, trace_quantized, weight_params, write_qdq
-from export.rules import check_onnxruntime, check_tensorrt
-from runtimes import BackendError, BackendUnavailable, OrtBackend, TorchBackend, benchmark, compare_logits
+from maskaq_deploy.calib import attach_quantizers, calibrate_observers, get_recipe, iter_quantizers
+from maskaq_deploy.calib.calibrate import batches_forward_loop
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
+from maskaq_deploy.export.errors import ExportError, NoQDQError, TargetError, UnsupportedModelError, UnsupportedOpError
+from maskaq_deploy.export.inspect import inspect_onnx
+from maskaq_deploy.export.onnx_export import export_fp_onnx
+from maskaq_deploy.export.qdq import (act_params, default_options, export_qdq_onnx, trace_quantized, weight_params,
+                                      write_qdq)
+from maskaq_deploy.export.rules import check_onnxruntime, check_tensorrt
+from maskaq_deploy.runtimes import BackendError, BackendUnavailable, OrtBackend, TorchBackend, benchmark, compare_logits
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from calib import iter_quantizers, load_quantized_checkpoint
+from maskaq_deploy.calib import iter_quantizers, load_quantized_checkpoint
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import load_image_set
 from maskaq_deploy.models import ModelConfig

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from calib.checkpoint import atomic_path, atomic_write_bytes
+from maskaq_deploy.calib.checkpoint import atomic_path, atomic_write_bytes
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

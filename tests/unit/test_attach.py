@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from calib import (
+from maskaq_deploy.calib import (
     CheckpointError,
     RecipeError,
     UnsupportedModelError,
@@ -19,9 +19,9 @@ from calib import (
     quantizers_enabled,
     save_quantized_checkpoint,
 )
-from calib.calibrate import batches_forward_loop
-from calib.qmodules import QuantAttention, QuantLinear, QuantMatMul, QuantWindowAttention
-from calib.recipes import load_recipe_toml
+from maskaq_deploy.calib.calibrate import batches_forward_loop
+from maskaq_deploy.calib.qmodules import QuantAttention, QuantLinear, QuantMatMul, QuantWindowAttention
+from maskaq_deploy.calib.recipes import load_recipe_toml
 from tests.conftest import TINY_VIT, sqnr_db
 
 FAMILIES = {

@@ -20,11 +20,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from calib.recipes import RECIPES
-from export import bundle as B
-from export.tensorrt import EngineBuildError, EngineUnavailable, build_engine, profile_shapes, read_model_io
-from runtimes.errors import BackendUnavailable
-from runtimes.tensorrt_backend import TensorRTBackend, plan_batches
+from maskaq_deploy.calib.recipes import RECIPES
+from maskaq_deploy.export import bundle as B
+from maskaq_deploy.export.tensorrt import (EngineBuildError, EngineUnavailable, build_engine, profile_shapes,
+                                           read_model_io)
+from maskaq_deploy.runtimes.errors import BackendUnavailable
+from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend, plan_batches
 
 CHW, CLASSES = (3, 8, 8), 10
 TEMPLATE = Path(B.__file__).parent / "templates" / "verify_engine.py"

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from calib.dfq import DFQConfig, DFQConfigError, load_dfq_toml
-from calib.dfq import losses as L
-from calib.dfq.augment import resized_crop_flip
+from maskaq_deploy.calib.dfq import DFQConfig, DFQConfigError, load_dfq_toml
+from maskaq_deploy.calib.dfq import losses as L
+from maskaq_deploy.calib.dfq.augment import resized_crop_flip
 
 LOG_2PI_E = math.log(2 * math.pi * math.e)
 

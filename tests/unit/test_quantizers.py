@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from calib.observers import MSEObserver, Observer, PercentileObserver
-from calib.quantizers import ActQuantizer, WeightQuantizer, fake_quant, lsq_fake_quant, round_ste
+from maskaq_deploy.calib.observers import MSEObserver, Observer, PercentileObserver
+from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer, fake_quant, lsq_fake_quant, round_ste
 
 
 def test_round_ste_rounds_forward_and_passes_gradient():

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.errors import TargetError, UnsupportedOpError
-from export.int4 import int4_initializer_to_array, make_int4_initializer, pack_matmulnbits, unpack_nibbles
-from export.onnx_export import MARKER_DOMAIN, MARKER_OP, _register_marker_schema
-from export.qdq import ActParams, WeightParams, insert_qdq
-from export.registry import REGISTRY, InputKind, OpRule, quantized_op_types, register, rule_for
-from runtimes.compare import sqnr_db
+from maskaq_deploy.export.errors import TargetError, UnsupportedOpError
+from maskaq_deploy.export.int4 import int4_initializer_to_array, make_int4_initializer, pack_matmulnbits, unpack_nibbles
+from maskaq_deploy.export.onnx_export import MARKER_DOMAIN, MARKER_OP, _register_marker_schema
+from maskaq_deploy.export.qdq import ActParams, WeightParams, insert_qdq
+from maskaq_deploy.export.registry import REGISTRY, InputKind, OpRule, quantized_op_types, register, rule_for
+from maskaq_deploy.runtimes.compare import sqnr_db
 
 F = TensorProto.FLOAT
 B, T, K, N = 2, 5, 32, 8

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.errors import NoQDQError, OnnxFileError
-from export.inspect import inspect_onnx
-from export.int4 import make_int4_initializer
-from export.rules import RULES, check_onnxruntime, check_tensorrt, load_model
+from maskaq_deploy.export.errors import NoQDQError, OnnxFileError
+from maskaq_deploy.export.inspect import inspect_onnx
+from maskaq_deploy.export.int4 import make_int4_initializer
+from maskaq_deploy.export.rules import RULES, check_onnxruntime, check_tensorrt, load_model
 
 F = TensorProto.FLOAT
 K, N = 16, 8

@@ -2,9 +2,9 @@
 
 import pytest
 
-from calib.recipes import RECIPES, Recipe, load_recipe_toml
-from export.errors import ExportError
-from export.targets import (
+from maskaq_deploy.calib.recipes import RECIPES, Recipe, load_recipe_toml
+from maskaq_deploy.export.errors import ExportError
+from maskaq_deploy.export.targets import (
     TARGETS,
     RecipeTargetError,
     check_recipe_for_target,

@@ -121,13 +121,13 @@ def share_psaq_images(cache_dir: Path) -> None:
     """PSAQ-ViT synthesis does not involve Q, so its images depend on the seed but not on the recipe: keep each
     synthesized batch on disk, keyed by its seed, and reuse it for the other recipes (the same images that a
     fresh synthesis would make, at a quarter of the cost over four recipes)."""
-    import maskaq_deploy.calib.dfq.methods as methods
+    import maskaq_deploy.calib.dfq.rounds as rounds
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from maskaq_deploy.calib.checkpoint import atomic_path
 
-    synthesize = methods.synthesize_batch
+    synthesize = rounds.synthesize_batch
 
     def cached(setup, labels, seed, on_log=None):
         if setup.method != "psaq":
@@ -145,7 +145,7 @@ def share_psaq_images(cache_dir: Path) -> None:
                       metadata={"final": json.dumps(last)})
         return x, last, curve
 
-    methods.synthesize_batch = cached
+    rounds.synthesize_batch = cached
 
 
 def claim(path: Path, key: str) -> bool:

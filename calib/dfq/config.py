@@ -19,7 +19,6 @@ from maskaq_deploy.calib.tomlfile import read_toml
 
 
 DFQ_CONFIG_VERSION = 1
-METHODS = ("maskaq", "psaq", "noise", "real")
 AUTOCAST_MODES = ("auto", "off", "bf16")
 Q_INIT_MODES = ("noise",)
 
@@ -75,6 +74,12 @@ class DFQConfig:
     ft_crop_min: float = 0.5  # random resized crop: min kept area fraction (1.0: no crop)
     ft_flip: bool = True
     refresh_every: int = 0  # re-synthesize the set with the current Q every N epochs (0: never)
+    # --- block-wise reconstruction of Q against P on the set, after calibration (calib.dfq.reconstruct)
+    recon_iters: int = 0  # Adam steps per unit (ViT block, Swin block or patch merging); 0: no reconstruction
+    recon_batch_size: int = 32
+    recon_lr: float = 1e-3  # quantizer step sizes
+    recon_weight_lr: float = 1e-5  # float weights, biases, norms (0: step sizes only)
+    recon_drop: float = 0.5  # QDrop mixing: probability that an input element comes from P instead of Q
     # --- runtime
     # "auto": bf16 on CUDA for synthesis and the teacher's forwards, Q fine-tunes in float32; "bf16": bf16
     # everywhere (also on CPUs with fast bf16); "off": float32 everywhere.
@@ -87,21 +92,21 @@ class DFQConfig:
             raise DFQConfigError(f"dfq config: {msg}")
 
         for name in ("num_images", "batch_size", "iterations", "calib_batch_size", "ft_batch_size",
-                     "entropy_rows", "psaq_kde_points", "q_init_images", "log_every"):
+                     "entropy_rows", "psaq_kde_points", "q_init_images", "log_every", "recon_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")
-        for name in ("epochs", "refresh_every", "seed"):
+        for name in ("epochs", "refresh_every", "seed", "recon_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("lr", "lr_min", "ft_lr", "kd_temperature", "psaq_kde_bandwidth", "attn_dist_high"):
+        for name in ("lr", "lr_min", "ft_lr", "kd_temperature", "psaq_kde_bandwidth", "attn_dist_high", "recon_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(f"{name} must be a positive number, got {v!r}")
         for name in ("weight_decay", "jitter", "noise_std", "affine_mean", "affine_std", "w_ce", "w_interhead",
                      "w_tv", "w_mask", "w_entropy", "ft_weight_decay", "kd_weight", "ce_weight",
-                     "attn_dist_weight"):
+                     "attn_dist_weight", "recon_weight_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a non-negative number, got {v!r}")
@@ -109,7 +114,7 @@ class DFQConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v <= 1:
                 bad(f"{name} must be in (0, 1], got {v!r}")
-        for name in ("mask_drop", "ft_lr_min_ratio", "ft_momentum"):
+        for name in ("mask_drop", "ft_lr_min_ratio", "ft_momentum", "recon_drop"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 1:
                 bad(f"{name} must be in [0, 1), got {v!r}")

@@ -26,9 +26,10 @@ from maskaq_deploy.calib.quantizers import ActQuantizer
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
             "mlp_ratio": 2.0}
 DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
-# Small but complete: 3 synthesis batches, calibration, 3 fine-tune epochs with a refresh before epoch 2.
+# Small but complete: 3 synthesis batches, calibration, reconstruction of both blocks, 3 fine-tune epochs with a
+# refresh before epoch 2.
 SMALL = {"num_images": 24, "batch_size": 8, "iterations": 12, "epochs": 3, "refresh_every": 2, "ft_batch_size": 8,
-             "calib_batch_size": 16, "q_init_images": 8, "log_every": 4}
+             "calib_batch_size": 16, "q_init_images": 8, "log_every": 4, "recon_iters": 4, "recon_batch_size": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +122,7 @@ def test_fast_preset_end_to_end_on_a_tiny_model(tmp_path, trained_state):
     assert time.process_time() - cpu0 < 60.0
     assert all_calibrated(q)
     assert summary["num_images"] == 256 and summary["rounds"] == 1 and summary["resumed"] is False
-    assert set(summary["seconds"]) == {"synthesis", "calibration", "finetune", "total"}
+    assert set(summary["seconds"]) == {"synthesis", "calibration", "reconstruction", "finetune", "total"}
     assert summary["seconds"]["finetune"] == 0.0  # fast = calibration-only PTQ
     json.dumps(summary)  # JSON-serializable for the manifest / report
     # The teacher classifies the synthetic images as their targets (what CE optimizes).
@@ -200,7 +201,8 @@ CHILD = textwrap.dedent("""
     from test_dfq import tiny_models, run
     torch.set_num_threads(1)
     def slow(event):
-        time.sleep(0.02)  # give the parent time to kill us mid-run
+        # give the parent time to kill us mid-run (between the two reconstructed blocks, or mid-synthesis)
+        time.sleep(1.0 if event["stage"] == "reconstruction" else 0.02)
     fp, q = tiny_models()
     from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
     from test_dfq import SMALL, DATA
@@ -209,8 +211,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("trigger", ["round000/batch00001.safetensors", "round001/batch00000.safetensors"],
-                         ids=["during-first-synthesis", "during-refresh"])
+@pytest.mark.parametrize("trigger", ["round000/batch00001.safetensors", "reconstructed.safetensors",
+                                     "round001/batch00000.safetensors"],
+                         ids=["during-first-synthesis", "during-reconstruction", "during-refresh"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
     ref = tiny_models()
     ref_summary = run(ref, tmp_path / "ref")
@@ -227,6 +230,11 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
     proc.wait()
     meta = json.loads((run_dir / "dfq" / "run.json").read_text())
     assert not meta.get("completed")
+    if trigger == "reconstructed.safetensors":  # killed between the two blocks: the resume redoes only the second
+        from safetensors import safe_open
+
+        with safe_open(str(target), framework="pt") as f:
+            assert json.loads(f.metadata()["info"])["units_done"] == 1
     resumed = tiny_models()
     summary = run(resumed, run_dir, resume=True)
     assert summary["resumed"] is True

@@ -1,0 +1,169 @@
+"""Block-wise reconstruction of Q against P on the calibration set (BRECQ / QDrop style, our own code).
+
+For each unit in forward order (a ViT block; a Swin patch merging or block), Q's copy of the unit is trained to
+reproduce P's output of that unit:
+
+    loss = mean over tokens and channels of (Q_unit(x_mix) - P_unit(x_p))^2
+
+``x_p`` is the unit's input in P (the float model on the same image), ``x_q`` its input in Q (after the units
+already reconstructed, so later units learn to absorb earlier errors); ``x_mix`` takes each element from
+``x_p`` with probability ``recon_drop`` and from ``x_q`` otherwise (QDrop's mixing: the unit sees both clean
+and quantization-perturbed inputs, which flattens the loss it is tuned on and overfits a few hundred images
+less than a model-level objective). Trained per unit: the quantizers' step sizes (LSQ, Adam at ``recon_lr``)
+and the float weights, biases and norms (Adam at ``recon_weight_lr``, small, so the weights move by about
+a rounding step: the effect of learned rounding without a rounding variable per weight). Both learning rates
+are cosine-annealed over ``recon_iters`` steps of ``recon_batch_size`` samples.
+
+Determinism: unit ``i`` draws its batch order and mixing masks from ``derive_seed(seed, "recon", i)``.
+Resume: Q is saved after every unit, with the number of units done; a resumed run continues at the next unit
+and gives the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskaq_deploy.calib.dfq.config import DFQConfig
+from maskaq_deploy.calib.dfq.state import derive_seed
+
+QUANTIZER_KEY = "_quantizer."
+
+
+class _Stop(Exception):
+    pass
+
+
+def reconstruction_units(model: nn.Module) -> list[str]:
+    """Names of the units reconstructed one after another, in forward order (the same in P and Q)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential):  # ViT / DeiT
+        return [f"blocks.{i}" for i in range(len(blocks))]
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.Sequential):  # Swin: stages of [patch merging] + blocks
+        names = []
+        for i, stage in enumerate(layers):
+            if not isinstance(getattr(stage, "downsample", None), (nn.Identity, type(None))):
+                names.append(f"layers.{i}.downsample")
+            names += [f"layers.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+        return names
+    return []
+
+
+@torch.no_grad()
+def unit_io(model: nn.Module, unit: str, images: torch.Tensor, batch_size: int, device,
+            want_output: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input (and output) of submodule ``unit`` over ``images``, on the CPU in float32. The forward stops
+    right after the unit when its output is not needed."""
+    mod = model.get_submodule(unit)
+    ins, outs = [], []
+
+    def hook(_m, args, out):
+        ins.append(args[0].detach().float().cpu())
+        if not want_output:
+            raise _Stop
+        outs.append(out.detach().float().cpu())
+
+    handle = mod.register_forward_hook(hook)
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            try:
+                model(images[i:i + batch_size].to(device).float())
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(ins), (torch.cat(outs) if want_output else None)
+
+
+def mixed_input(x_p: torch.Tensor, x_q: torch.Tensor, drop: float, gen: torch.Generator) -> torch.Tensor:
+    """Each element from ``x_p`` with probability ``drop``, else from ``x_q`` (``drop`` 0: pure Q input)."""
+    if drop <= 0:
+        return x_q
+    if drop >= 1:
+        return x_p
+    keep_p = torch.rand(x_q.shape, generator=gen, device=gen.device) < drop
+    return torch.where(keep_p.to(x_q.device), x_p, x_q)
+
+
+def unit_optimizer(unit: nn.Module, cfg: DFQConfig) -> torch.optim.Adam:
+    scales, weights = [], []
+    for name, p in unit.named_parameters():
+        (scales if QUANTIZER_KEY in name else weights).append(p)
+    groups = [{"params": scales, "lr": cfg.recon_lr, "base_lr": cfg.recon_lr}]
+    if cfg.recon_weight_lr > 0 and weights:
+        groups.append({"params": weights, "lr": cfg.recon_weight_lr, "base_lr": cfg.recon_weight_lr})
+    else:
+        for p in weights:
+            p.requires_grad_(False)
+    return torch.optim.Adam(groups)
+
+
+def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, target: torch.Tensor,
+                     cfg: DFQConfig, seed: int, device) -> dict[str, float]:
+    """Train ``q_unit`` (in place) so that ``q_unit(mix(x_p, x_q))`` matches ``target``; returns the unit's
+    output MSE on the pure Q input before and after, and the last training loss."""
+    gen = torch.Generator().manual_seed(seed)
+    saved = {p: p.requires_grad for p in q_unit.parameters()}
+    for p in q_unit.parameters():
+        p.requires_grad_(True)
+    opt = unit_optimizer(q_unit, cfg)
+    before = unit_error(q_unit, x_q, target, cfg.recon_batch_size, device)
+    n = x_q.shape[0]
+    loss = torch.zeros(())
+    try:
+        for step in range(cfg.recon_iters):
+            idx = torch.randint(0, n, (min(cfg.recon_batch_size, n),), generator=gen)
+            inp = mixed_input(x_p[idx], x_q[idx], cfg.recon_drop, gen).to(device)
+            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.recon_iters))
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * decay
+            loss = F.mse_loss(q_unit(inp).float(), target[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    after = unit_error(q_unit, x_q, target, cfg.recon_batch_size, device)
+    return {"mse_before": before, "mse_after": after, "last_loss": float(loss.detach())}
+
+
+@torch.no_grad()
+def unit_error(unit: nn.Module, inputs: torch.Tensor, target: torch.Tensor, batch_size: int, device) -> float:
+    """Mean squared error of ``unit(inputs)`` against ``target`` over the whole set."""
+    total = 0.0
+    for i in range(0, inputs.shape[0], batch_size):
+        out = unit(inputs[i:i + batch_size].to(device)).float().cpu()
+        total += float(((out - target[i:i + batch_size]) ** 2).sum())
+    return total / target.numel()
+
+
+def reconstruct(teacher: nn.Module, q_model: nn.Module, images: torch.Tensor, cfg: DFQConfig, device,
+                start_unit: int = 0, after_unit: Callable[[int, dict], None] | None = None,
+                on_log: Callable[[int, int, dict], None] | None = None) -> list[dict]:
+    """Reconstruct Q's units ``start_unit ...`` in order on ``images``; ``after_unit(i, info)`` runs after each
+    (the driver saves Q there). Returns the per-unit infos of the units done here."""
+    units = reconstruction_units(q_model)
+    was_training = q_model.training
+    q_model.eval()
+    infos = []
+    try:
+        for i in range(start_unit, len(units)):
+            name = units[i]
+            x_p, target = unit_io(teacher, name, images, cfg.calib_batch_size, device)
+            x_q, _ = unit_io(q_model, name, images, cfg.calib_batch_size, device, want_output=False)
+            info = {"unit": name, **reconstruct_unit(q_model.get_submodule(name), x_p, x_q, target, cfg,
+                                                     derive_seed(cfg.seed, "recon", i), device)}
+            infos.append(info)
+            if after_unit is not None:
+                after_unit(i, info)
+            if on_log is not None:
+                on_log(i + 1, len(units), {k: v for k, v in info.items() if k != "unit"})
+    finally:
+        q_model.train(was_training)
+    return infos

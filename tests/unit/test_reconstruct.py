@@ -1,0 +1,85 @@
+"""Block-wise reconstruction (calib.dfq.reconstruct): its pieces on hand-made tensors, then on a tiny ViT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from maskaq_deploy.calib import RECIPES, attach_quantizers
+from maskaq_deploy.calib.calibrate import calibrate_observers
+from maskaq_deploy.calib.dfq import DFQConfig
+from maskaq_deploy.calib.dfq.models import make_teacher
+from maskaq_deploy.calib.dfq.reconstruct import (mixed_input, reconstruct, reconstruct_unit, reconstruction_units,
+                                                  unit_error, unit_io)
+
+TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
+        "mlp_ratio": 2.0}
+
+
+def test_mixed_input_takes_each_element_from_p_with_the_drop_probability():
+    g = torch.Generator().manual_seed(0)
+    x_p, x_q = torch.zeros(64, 50, 8), torch.ones(64, 50, 8)
+    assert torch.equal(mixed_input(x_p, x_q, 0.0, g), x_q)
+    assert torch.equal(mixed_input(x_p, x_q, 1.0, g), x_p)
+    mix = mixed_input(x_p, x_q, 0.3, g)
+    assert set(mix.unique().tolist()) == {0.0, 1.0}
+    assert (mix == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)  # 25600 draws: std 0.003
+
+
+def test_unit_error_is_the_mean_squared_difference():
+    x = torch.arange(12.0).reshape(3, 4)
+    assert unit_error(nn.Identity(), x, x + 2.0, batch_size=2, device="cpu") == pytest.approx(4.0)
+
+
+def test_reconstruct_unit_recovers_a_known_linear_map():
+    # Target y = 2x; the unit starts as the identity. Weight training alone (no quantizers) must reach 2 * I.
+    torch.manual_seed(0)
+    unit = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        unit.weight.copy_(torch.eye(4))
+    x = torch.randn(256, 4)
+    cfg = DFQConfig(recon_iters=300, recon_batch_size=64, recon_weight_lr=0.05, recon_drop=0.0)
+    info = reconstruct_unit(unit, x, x, 2 * x, cfg, seed=0, device="cpu")
+    assert info["mse_before"] == pytest.approx(float((x ** 2).mean()), rel=1e-5)
+    assert torch.allclose(unit.weight.detach(), 2 * torch.eye(4), atol=0.02)
+    assert info["mse_after"] < 1e-3
+
+
+def test_units_follow_the_forward_order_of_vit_and_swin():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    assert reconstruction_units(vit) == ["blocks.0", "blocks.1"]
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, in_chans=1,
+                             num_classes=10, patch_size=2, window_size=4, embed_dim=16, depths=(1, 2),
+                             num_heads=(1, 2))
+    assert reconstruction_units(swin) == ["layers.0.blocks.0", "layers.1.downsample", "layers.1.blocks.0",
+                                          "layers.1.blocks.1"]
+
+
+def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES["w4a4"])
+    images = torch.randn(64, 1, 16, 16)
+    calibrate_observers(q, lambda m: m(images))
+    teacher = make_teacher(fp, q)
+    cfg = DFQConfig(recon_iters=40, recon_batch_size=16, calib_batch_size=32, recon_weight_lr=1e-4)
+    before = {}
+    for name in reconstruction_units(q):
+        x_q, _ = unit_io(q, name, images, 32, "cpu", want_output=False)
+        _, target = unit_io(teacher, name, images, 32, "cpu")
+        before[name] = unit_error(q.get_submodule(name), x_q, target, 32, "cpu")
+    with torch.no_grad():
+        logits_err_before = (q(images) - fp(images)).pow(2).mean().item()
+    infos = reconstruct(teacher, q, images, cfg, "cpu")
+    assert [i["unit"] for i in infos] == ["blocks.0", "blocks.1"]
+    assert infos[0]["mse_before"] == pytest.approx(before["blocks.0"], rel=1e-5)  # the first unit's input is Q's
+    for info in infos:
+        assert info["mse_after"] < 0.9 * info["mse_before"], info
+    with torch.no_grad():
+        assert (q(images) - fp(images)).pow(2).mean().item() < logits_err_before
+    assert all(not p.requires_grad for p in teacher.parameters())

@@ -1,19 +1,30 @@
 #!/usr/bin/env python
-"""Top-1 of the embedded MNIST ViT quantized with each calibration method, on the 10k test images.
+"""Top-1 of the embedded MNIST ViT and the benchmark zoo quantized with each calibration method.
 
-    python benchmarks/dfq_accuracy.py                                  # everything (hours on 2 CPU cores)
-    python benchmarks/dfq_accuracy.py --recipes w4a4,w3a3 --methods noise,psaq,maskaq-fast --seeds 0
+    python benchmarks/dfq_accuracy.py                                  # everything (many hours on 2 CPU cores)
+    python benchmarks/dfq_accuracy.py --models embedded --recipes w4a4,w3a3 --methods psaq,maskaq-fast --seeds 0
+    python benchmarks/dfq_accuracy.py --models deit_s2,vit_gap,swin --recipes w4a4 --seeds 0
     python benchmarks/dfq_accuracy.py --ablation --recipes w4a4 --seeds 0,1,2
     python benchmarks/dfq_accuracy.py --table                          # print what is saved so far
     python benchmarks/dfq_accuracy.py --quick                          # tiny settings: checks the script
+    python benchmarks/dfq_accuracy.py --split valid --mnist mnist/data/mnist.pkl.gz ...   # choose settings
 
-Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images, calibration only);
-maskaq-std uses ``standard`` (fine-tuning with refresh); real / real-std calibrate (and fine-tune) on real
-training images from ``mnist_calib.npz`` with the fast / standard preset. ``--ablation`` adds maskaq-fast with
-one synthesis loss term (CE, inter-head SSIM, TV, mask alignment, entropy) switched off, and maskaq-std
-without the refresh. PSAQ-ViT images do not involve Q, so each seed's are synthesized once and shared by the
-recipes.
-Every finished (recipe, method, seed) is saved at once into the JSON (``--out``). Several processes may
+Models (rows): ``embedded`` (the shipped 6-layer ViT, 49 patches + CLS) and every ``benchmarks/zoo/<name>``
+trained by ``scripts/train_zoo.py`` (``deit_s2``: 196 patches + CLS, 8 layers; ``vit_gap``: no class token,
+average pooling; ``swin``: shifted windows, patch merging). Top-1 is on the 10k MNIST test images (the
+embedded ``mnist_test.npz``), or with ``--split valid`` on the 10k valid split of the MNIST pickle (that is
+where settings are chosen; the test split only reports).
+
+Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images); ``maskaq-fast`` is the
+preset as it is now (synthesis, calibration, block-wise reconstruction), ``maskaq-calib`` the same images with
+calibration only (the method before reconstruction); maskaq-std uses ``standard``; ``real`` calibrates on 256
+real training images from ``mnist_calib.npz`` with no training stage (the issue's reference), ``real-recon``
+adds the same reconstruction, ``real-std`` the standard fine-tune. ``--ablation`` adds maskaq-fast variants
+(a synthesis loss term off, reconstruction settings) and maskaq-std without the refresh.
+Synthesized batches that do not depend on what follows them (PSAQ; MaskAQ's first round, whose Q is the same
+noise-calibrated model for every preset) are kept on disk keyed by everything they depend on and reused, so
+maskaq-fast and maskaq-calib share their images.
+Every finished (model, recipe, method, seed) is saved at once into the JSON (``--out``). Several processes may
 share it (start the same command twice to use two cores): each claims the next job nobody runs; a rerun
 skips what is there and resumes an interrupted run from its checkpoint in ``--workdir``.
 Cells are mean +- std over seeds of top-1 (%) and the mean calibration wall time; a second table gives the
@@ -26,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import statistics
@@ -38,46 +50,73 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("MASKAQ_EMBEDDED_DIR", ROOT / "maskaq_deploy" / "assets" / "embedded"))
+ZOO = ROOT / "benchmarks" / "zoo"
 RECIPES = ("w8a8", "w4a8", "w4a4", "w3a3")
+NO_RECON = {"recon_iters": 0}
 METHODS = {  # name: (calibration method, preset, config overrides)
     "noise": ("noise", "fast", {}),
     "psaq": ("psaq", "fast", {}),
+    "maskaq-calib": ("maskaq", "fast", NO_RECON),
     "maskaq-fast": ("maskaq", "fast", {}),
     "maskaq-std": ("maskaq", "standard", {}),
-    "real": ("real", "fast", {}),
+    "real": ("real", "fast", NO_RECON),
+    "real-recon": ("real", "fast", {}),
     "real-std": ("real", "standard", {}),
 }
-# A synthesis loss term is ablated on maskaq-fast (the images are all that term changes, and calibration-only
-# runs cost half a standard run); the refresh is ablated on maskaq-std, the preset that refreshes.
+DEFAULT_METHODS = ("noise", "psaq", "maskaq-calib", "maskaq-fast", "maskaq-std", "real", "real-recon")
+# A synthesis loss term is ablated on maskaq-calib (the images are all that term changes); the reconstruction's
+# settings on maskaq-fast; the refresh on maskaq-std, the preset that refreshes.
 ABLATIONS = {
-    "no-ce": ("maskaq", "fast", {"w_ce": 0.0}),
-    "no-interhead": ("maskaq", "fast", {"w_interhead": 0.0}),
-    "no-tv": ("maskaq", "fast", {"w_tv": 0.0}),
-    "no-mask": ("maskaq", "fast", {"w_mask": 0.0}),
-    "no-entropy": ("maskaq", "fast", {"w_entropy": 0.0}),
+    "no-ce": ("maskaq", "fast", {"w_ce": 0.0, **NO_RECON}),
+    "no-interhead": ("maskaq", "fast", {"w_interhead": 0.0, **NO_RECON}),
+    "no-tv": ("maskaq", "fast", {"w_tv": 0.0, **NO_RECON}),
+    "no-mask": ("maskaq", "fast", {"w_mask": 0.0, **NO_RECON}),
+    "no-entropy": ("maskaq", "fast", {"w_entropy": 0.0, **NO_RECON}),
+    "recon-scales-only": ("maskaq", "fast", {"recon_weight_lr": 0.0}),
+    "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0}),
     "no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
 }
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
 
 
-def load_embedded(device):
+def model_names() -> list[str]:
+    return ["embedded"] + sorted(p.parent.name for p in ZOO.glob("*/config.json"))
+
+
+def load_model(name: str, device):
     import timm
     from safetensors.torch import load_file
 
-    cfg = json.loads((ASSETS / "config.json").read_text())
+    where = ASSETS if name == "embedded" else ZOO / name
+    if not (where / "config.json").is_file():
+        sys.exit(f"unknown model {name!r}: no {where}/config.json; choose from {', '.join(model_names())}")
+    cfg = json.loads((where / "config.json").read_text())
     model = timm.create_model(cfg["timm_name"], pretrained=False, **cfg["model_kwargs"])
-    model.load_state_dict(load_file(str(ASSETS / "model.safetensors")))
+    model.load_state_dict(load_file(str(where / "model.safetensors")))
     model.to(device).eval()
     data = {"mean": cfg["mean"], "std": cfg["std"], "input_size": cfg["input_size"]}
     return model, data, cfg
 
 
-def load_npz(name: str, data: dict):
-    z = np.load(ASSETS / name)
-    x = torch.from_numpy(z["images"]).float().div(255.0).unsqueeze(1)
+def normalized(images: np.ndarray, labels: np.ndarray, data: dict):
+    x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
     mean = torch.tensor(data["mean"]).reshape(1, -1, 1, 1)
     std = torch.tensor(data["std"]).reshape(1, -1, 1, 1)
-    return (x - mean) / std, torch.from_numpy(z["labels"]).long()
+    return (x - mean) / std, torch.from_numpy(labels).long()
+
+
+def load_npz(name: str, data: dict):
+    z = np.load(ASSETS / name)
+    return normalized(z["images"], z["labels"], data)
+
+
+def load_valid(mnist_path: str, data: dict):
+    """The 10k valid split of the MNIST pickle, through scripts/train_embedded.py's loader."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_embedded
+
+    images, labels = train_embedded.load_mnist(mnist_path)["valid"]
+    return normalized(images, labels, data)
 
 
 @torch.no_grad()
@@ -108,19 +147,40 @@ def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
 
     with locked(path):
         res = read_results(path)
-        res.setdefault("meta", {}).update(meta)
+        old = res.setdefault("meta", {})
+        fp = {**(old.get("fp_top1") if isinstance(old.get("fp_top1"), dict) else {}), **meta.get("fp_top1", {})}
+        old.update(meta)
+        old["fp_top1"] = fp
         res["runs"][key] = value
         res.get("claims", {}).pop(key, None)
         atomic_write_json(path, res)
 
 
-PSAQ_REUSED = {"batches": 0}
+REUSED = {"batches": 0, "seconds": 0.0, "cpu_seconds": 0.0}  # what reused batches cost when they were made
+# config fields that only stages after synthesis read: batches made under configs differing only in these are equal
+AFTER_SYNTHESIS = {"preset", "log_every", "calib_batch_size", "epochs", "refresh_every", "kd_temperature",
+                   "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high"}
 
 
-def share_psaq_images(cache_dir: Path) -> None:
-    """PSAQ-ViT synthesis does not involve Q, so its images depend on the seed but not on the recipe: keep each
-    synthesized batch on disk, keyed by its seed, and reuse it for the other recipes (the same images that a
-    fresh synthesis would make, at a quarter of the cost over four recipes)."""
+def _synthesis_key(setup, labels, seed) -> str:
+    """Everything a synthesized batch depends on: method, synthesis settings, P, Q's state (MaskAQ), labels,
+    seed. A refreshed round's Q differs from run to run, so it never matches another run's batch."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in setup.cfg.to_dict().items()
+           if k not in AFTER_SYNTHESIS and not k.startswith(("ft_", "recon_"))}
+    h.update(json.dumps([setup.method, cfg, seed, labels.tolist(), list(setup.input_size)]).encode())
+    for model in (setup.teacher, setup.student):
+        if model is not None:
+            for k, v in model.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def share_synthesized_images(cache_dir: Path) -> None:
+    """Keep each synthesized batch on disk under a key of everything it depends on, and reuse it: PSAQ's images
+    (Q not involved) serve every recipe, MaskAQ's first round serves maskaq-calib and maskaq-fast (same Q, same
+    synthesis settings) -- the images a fresh synthesis would make, at a fraction of the cost."""
     import maskaq_deploy.calib.dfq.rounds as rounds
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -130,19 +190,22 @@ def share_psaq_images(cache_dir: Path) -> None:
     synthesize = rounds.synthesize_batch
 
     def cached(setup, labels, seed, on_log=None):
-        if setup.method != "psaq":
-            return synthesize(setup, labels, seed, on_log)
-        path = cache_dir / f"{seed}.safetensors"
+        path = cache_dir / f"{_synthesis_key(setup, labels, seed)}.safetensors"
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
-                if torch.equal(f.get_tensor("labels"), labels):
-                    PSAQ_REUSED["batches"] += 1
-                    return f.get_tensor("images"), json.loads(f.metadata()["final"]), []
+                meta = f.metadata()
+                REUSED["batches"] += 1
+                REUSED["seconds"] += float(meta["seconds"])
+                REUSED["cpu_seconds"] += float(meta["cpu_seconds"])
+                return f.get_tensor("images"), json.loads(meta["final"]), json.loads(meta["curve"])
+        t0, cpu0 = time.perf_counter(), time.process_time()
         x, last, curve = synthesize(setup, labels, seed, on_log)
         cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"images": x.contiguous(), "labels": labels.contiguous()}, str(tmp),
-                      metadata={"final": json.dumps(last)})
+                      metadata={"final": json.dumps(last), "curve": json.dumps(curve),
+                                "seconds": str(time.perf_counter() - t0),
+                                "cpu_seconds": str(time.process_time() - cpu0)})
         return x, last, curve
 
     rounds.synthesize_batch = cached
@@ -168,7 +231,7 @@ def claim(path: Path, key: str) -> bool:
         return True
 
 
-def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real, device) -> dict:
+def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data, evalset, real, device) -> dict:
     from maskaq_deploy.calib import RECIPES as ALL_RECIPES
     from maskaq_deploy.calib import attach_quantizers
     from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
@@ -180,7 +243,7 @@ def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real,
     config = DFQConfig.from_preset(preset, seed=seed, **overrides)
     q = copy.deepcopy(fp)
     attach_quantizers(q, ALL_RECIPES[recipe])
-    run_dir = Path(args.workdir) / ("quick" if args.quick else "full") / recipe / name / f"seed{seed}"
+    run_dir = Path(args.workdir) / ("quick" if args.quick else "full") / model / recipe / name / f"seed{seed}"
     last = {"t": 0.0}
 
     def progress(event):
@@ -190,126 +253,180 @@ def run_one(name: str, spec, recipe: str, seed: int, args, fp, data, test, real,
         losses = " ".join(f"{k} {v:.3g}" for k, v in event.get("losses", {}).items())
         print(f"    {event['stage']} {event['step']}/{event['total']} {losses}", flush=True)
 
-    cpu0, reused0 = time.process_time(), PSAQ_REUSED["batches"]
+    cpu0, reused0 = time.process_time(), dict(REUSED)
     summary = run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
                               real_images=real[0], real_labels=real[1], resume=True, device=device,
                               progress=progress)
-    cpu_seconds = time.process_time() - cpu0
-    acc = top1(q, test[0], test[1], device)
-    return {"recipe": recipe, "method": name, "seed": seed, "top1": acc,
-            "seconds": summary["seconds"]["total"], "cpu_seconds": cpu_seconds,
-            "stage_seconds": summary["seconds"], "reused_images": PSAQ_REUSED["batches"] > reused0,
+    reused = {k: REUSED[k] - reused0[k] for k in REUSED}
+    # a run that reused synthesized batches is charged what they cost when they were made
+    cpu_seconds = time.process_time() - cpu0 + reused["cpu_seconds"]
+    acc = top1(q, evalset[0], evalset[1], device)
+    return {"model": model, "recipe": recipe, "method": name, "seed": seed, "top1": acc,
+            "seconds": summary["seconds"]["total"] + reused["seconds"], "cpu_seconds": cpu_seconds,
+            "stage_seconds": summary["seconds"], "reused_batches": reused["batches"],
             "resumed": summary["resumed"], "final_losses": summary["final_losses"],
             "curves": summary["curves"], "config": summary["config"]}
 
 
-def fmt_cell(rows: list[dict]) -> str:
+def fmt_cell(rows: list[dict], bold: bool = False) -> str:
     if not rows:
-        return "-"
+        return "not measured"
     accs = [r["top1"] for r in rows]
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    # time only runs that did all their work: not one that reused another recipe's psaq images, nor one that
-    # resumed an interrupted run (its clock started at the resume)
-    timed = [r for r in rows if not r.get("reused_images") and not r.get("resumed")]
-    secs = f"{statistics.mean(r['seconds'] for r in timed):.0f} s" if timed else (
-        "resumed" if any(r.get("resumed") for r in rows) else "shared images")
-    n = f" n={len(rows)}" if len(rows) < 3 else ""
-    return f"{statistics.mean(accs):.2f} ± {sd:.2f} ({secs}{n})"
+    # time only runs that did all their work (a resumed run's clock started at the resume)
+    timed = [r for r in rows if not r.get("resumed")]
+    secs = f"{statistics.mean(r['seconds'] for r in timed):.0f} s" if timed else "resumed"
+    n = f", n={len(rows)}" if len(rows) < 3 else ""
+    acc = f"{statistics.mean(accs):.2f}"
+    return f"{'**' + acc + '**' if bold else acc} ± {sd:.2f} ({secs}{n})"
+
+
+def _mean(rows, model, recipe, method):
+    accs = [r["top1"] for r in rows if (r["model"], r["recipe"], r["method"]) == (model, recipe, method)]
+    return (statistics.mean(accs), len(accs)) if accs else (None, 0)
+
+
+TARGETS = {  # recipe: (what the issue asks of the data-free method, test on (data-free, real, psaq) means)
+    "w4a8": ("within 0.10 of real", lambda d, r, p: r is not None and d >= r - 0.10),
+    "w4a4": (">= real", lambda d, r, p: r is not None and d >= r),
+    "w3a3": (">= real and >= psaq + 2", lambda d, r, p: r is not None and p is not None and d >= r and d >= p + 2),
+}
 
 
 def print_tables(res: dict) -> None:
-    runs = list(res.get("runs", {}).values())
-    meta = res.get("meta", {})
-    print(f"\nEmbedded MNIST ViT, top-1 (%) on {meta.get('test_images', '?')} test images, mean ± std over "
-          f"seeds (calibration wall time, {meta.get('threads', '?')} thread(s)); FP {meta.get('fp_top1', '?')}")
+    runs = [{"model": "embedded", **r} for r in res.get("runs", {}).values()]
+    main = [r for r in runs if r["method"] in METHODS]
+    recipe_tables(main, res.get("meta", {}), list(METHODS))
+    target_table(main)
+    ablation = [r for r in runs if r["method"] in ABLATIONS]
+    if ablation:
+        seeds = sorted({r["seed"] for r in ablation})
+        print(f"\nAblation (seeds {seeds})")
+        recipe_tables([r for r in runs if r["seed"] in seeds and r["recipe"] in {a["recipe"] for a in ablation}],
+                      res.get("meta", {}), ["maskaq-calib", *list(ABLATIONS)[:5], "maskaq-fast", *list(ABLATIONS)[5:7],
+                                            "maskaq-std", "no-refresh"])
+    cpu_table(main)
 
-    def table(cols, title, seeds=None, recipes=None):
-        rows = [r for r in runs if (seeds is None or r["seed"] in seeds)
-                and (recipes is None or r["recipe"] in recipes)]
-        present = [c for c in cols if any(r["method"] == c for r in rows)]
-        if not present:
-            return
-        print(f"\n{title}\n")
-        print("| recipe | " + " | ".join(present) + " |")
-        print("|---|" + "---|" * len(present))
-        for recipe in RECIPES:
-            cells = [fmt_cell([r for r in rows if r["recipe"] == recipe and r["method"] == c]) for c in present]
-            if any(c != "-" for c in cells):
-                print(f"| {recipe} | " + " | ".join(cells) + " |")
 
-    table(list(METHODS), "Methods")
-    abl_seeds = {r["seed"] for r in runs if r["method"] in ABLATIONS}
-    table(["maskaq-fast", *list(ABLATIONS)[:-1], "maskaq-std", "no-refresh"],
-          f"Ablation (seeds {sorted(abl_seeds)}): one synthesis loss term switched off (against maskaq-fast), "
-          "the refresh switched off (against maskaq-std)", abl_seeds,
-          {r["recipe"] for r in runs if r["method"] in ABLATIONS})
+def recipe_tables(runs: list[dict], meta: dict, methods: list[str]) -> None:
+    fp = meta.get("fp_top1", {})
+    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
+    print(f"\nTop-1 (%) on {meta.get('eval_images', meta.get('test_images', '?'))} {meta.get('split', 'test')} "
+          f"images, mean ± std over seeds (calibration wall time, {meta.get('threads', '?')} thread(s))")
+    present = [c for c in methods if any(r["method"] == c for r in runs)]
+    for recipe in RECIPES:
+        rows = [r for r in runs if r["recipe"] == recipe]
+        if not rows:
+            continue
+        print(f"\n{recipe}\n")
+        print("| model | FP | " + " | ".join(present) + " |")
+        print("|---|---|" + "---|" * len(present))
+        for model in models:
+            means = {c: _mean(rows, model, recipe, c)[0] for c in present}
+            best = max((v for v in means.values() if v is not None), default=None)
+            cells = [fmt_cell([r for r in rows if r["model"] == model and r["method"] == c],
+                              bold=means[c] is not None and means[c] == best) for c in present]
+            print(f"| {model} | {fp.get(model, '?') if isinstance(fp, dict) else fp} | " + " | ".join(cells) + " |")
+
+
+def target_table(runs: list[dict]) -> None:
+    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
+    print("\nTargets (data-free = maskaq-fast against real = calibration only; means over the seeds run)\n")
+    print("| model | recipe | target | data-free | real | psaq | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        for recipe, (what, ok) in TARGETS.items():
+            (d, n), (r, _), (p, _) = (_mean(runs, model, recipe, m) for m in ("maskaq-fast", "real", "psaq"))
+            if d is None:
+                verdict, d_s = "not measured", "-"
+            else:
+                verdict = ("met" if ok(d, r, p) else "missed") + (f" (n={n})" if n < 3 else "")
+                if r is None or (recipe == "w3a3" and p is None):
+                    verdict = "not measured (reference missing)"
+                d_s = f"{d:.2f}"
+            print(f"| {model} | {recipe} | {what} | {d_s} | {'-' if r is None else f'{r:.2f}'} | "
+                  f"{'-' if p is None else f'{p:.2f}'} | {verdict} |")
+
+
+def cpu_table(runs: list[dict]) -> None:
+    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
+    present = [c for c in METHODS if any(r["method"] == c for r in runs)]
     cpu = {}
     for r in runs:
-        if "cpu_seconds" in r and not r.get("reused_images") and not r.get("resumed"):
-            cpu.setdefault(r["method"], []).append(r["cpu_seconds"])
+        if "cpu_seconds" in r and not r.get("resumed"):
+            cpu.setdefault((r["model"], r["method"]), []).append(r["cpu_seconds"])
     if cpu:
-        print("\nMean CPU seconds per calibration (all recipes and seeds)\n")
-        print("| " + " | ".join(cpu) + " |")
-        print("|" + "---|" * len(cpu))
-        print("| " + " | ".join(f"{statistics.mean(v):.0f}" for v in cpu.values()) + " |")
+        print("\nMean CPU seconds per calibration (over recipes and seeds)\n")
+        print("| model | " + " | ".join(present) + " |")
+        print("|---|" + "---|" * len(present))
+        for model in models:
+            print(f"| {model} | " + " | ".join(f"{statistics.mean(cpu[(model, c)]):.0f}" if (model, c) in cpu
+                                              else "-" for c in present) + " |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=None, help="comma-separated (default: embedded and the whole zoo)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ablation", action="store_true", help="also run the ablation (w4a4 and w3a3 by default)")
     ap.add_argument("--ablation-recipes", default="w4a4,w3a3")
     ap.add_argument("--ablation-seeds", default="0")
+    ap.add_argument("--split", choices=("test", "valid"), default="test",
+                    help="evaluate on the 10k test images (report) or the 10k valid split (choose settings)")
+    ap.add_argument("--mnist", default=None, help="mnist/data/mnist.pkl.gz (needed by --split valid)")
     ap.add_argument("--quick", action="store_true", help="tiny settings and 2000 test images (checks the script)")
-    ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_quick].json)")
+    ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_valid][_quick].json)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "dfq_accuracy"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--table", action="store_true", help="only print the saved results")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out or ROOT / "runs" / f"dfq_accuracy{'_quick' if args.quick else ''}.json")
+    suffix = ("_valid" if args.split == "valid" else "") + ("_quick" if args.quick else "")
+    out = Path(args.out or ROOT / "runs" / f"dfq_accuracy{suffix}.json")
     if args.table:
         print_tables(read_results(out))
         return
-    if not (ASSETS / "model.safetensors").is_file():
-        sys.exit(f"the embedded model is missing: {ASSETS}/model.safetensors")
+    if args.split == "valid" and not args.mnist:
+        sys.exit("--split valid needs --mnist mnist/data/mnist.pkl.gz (see scripts/train_embedded.py)")
+    specs = {**METHODS, **ABLATIONS}  # an ablation variant may also be asked for by name
+    for name in args.methods.split(","):
+        if name not in specs:
+            sys.exit(f"unknown method {name!r}; choose from {', '.join(specs)}")
+    models = args.models.split(",") if args.models else model_names()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    share_psaq_images(Path(args.workdir) / ("quick" if args.quick else "full") / "psaq_images")
-    fp, data, _cfg = load_embedded(device)
-    test = load_npz("mnist_test.npz", data)
-    if args.quick:
-        test = (test[0][:2000], test[1][:2000])
-    real = load_npz("mnist_calib.npz", data)
-    fp_acc = top1(fp, test[0], test[1], device)
-    meta = {"fp_top1": round(fp_acc, 2), "test_images": len(test[0]), "threads": args.threads,
-            "device": args.device, "torch": torch.__version__, "quick": args.quick}
-    print(f"FP top-1 {fp_acc:.2f} % on {len(test[0])} test images", flush=True)
-
-    # Seed by seed, so that a partial run already has every cell; the ablation after the first seed.
-    for name in args.methods.split(","):
-        if name not in METHODS:
-            sys.exit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    share_synthesized_images(Path(args.workdir) / ("quick" if args.quick else "full") / "synthesized")
     abl_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation else []
-    jobs = []
-    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-        jobs += [(recipe, name, METHODS[name], seed) for recipe in args.recipes.split(",")
-                 for name in args.methods.split(",")]
-        if i == 0:
-            jobs += [(recipe, name, spec, s) for s in abl_seeds for recipe in args.ablation_recipes.split(",")
-                     for name, spec in ABLATIONS.items()]
-    for recipe, name, spec, seed in jobs:
-        key = f"{recipe}/{name}/seed{seed}"
-        if not claim(out, key):
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
-        result = run_one(name, spec, recipe, seed, args, fp, data, test, real, device)
-        save_result(out, key, result, meta)
-        print(f"[{time.strftime('%H:%M:%S')}] {key}: top-1 {result['top1']:.2f} in {result['seconds']:.0f} s",
-              flush=True)
+    for model in models:
+        fp, data, _cfg = load_model(model, device)
+        evalset = load_valid(args.mnist, data) if args.split == "valid" else load_npz("mnist_test.npz", data)
+        if args.quick:
+            evalset = (evalset[0][:2000], evalset[1][:2000])
+        real = load_npz("mnist_calib.npz", data)
+        fp_acc = round(top1(fp, evalset[0], evalset[1], device), 2)
+        meta = {"fp_top1": {model: fp_acc}, "eval_images": len(evalset[0]), "split": args.split,
+                "threads": args.threads, "device": args.device, "torch": torch.__version__, "quick": args.quick}
+        print(f"{model}: FP top-1 {fp_acc:.2f} % on {len(evalset[0])} {args.split} images", flush=True)
+        # Seed by seed, so that a partial run already has every cell; the ablation after the first seed.
+        jobs = []
+        for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+            jobs += [(recipe, name, specs[name], seed) for recipe in args.recipes.split(",")
+                     for name in args.methods.split(",")]
+            if i == 0:
+                jobs += [(recipe, name, spec, s) for s in abl_seeds for recipe in args.ablation_recipes.split(",")
+                         for name, spec in ABLATIONS.items()]
+        for recipe, name, spec, seed in jobs:
+            key = f"{model}/{recipe}/{name}/seed{seed}"
+            if not claim(out, key):
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+            result = run_one(model, name, spec, recipe, seed, args, fp, data, evalset, real, device)
+            save_result(out, key, result, meta)
+            print(f"[{time.strftime('%H:%M:%S')}] {key}: top-1 {result['top1']:.2f} in {result['seconds']:.0f} s",
+                  flush=True)
     print_tables(read_results(out))
 
 

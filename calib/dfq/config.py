@@ -78,7 +78,7 @@ class DFQConfig:
     recon_iters: int = 0  # Adam steps per unit (ViT block, Swin block or patch merging); 0: no reconstruction
     recon_batch_size: int = 32
     recon_lr: float = 1e-3  # quantizer step sizes
-    recon_weight_lr: float = 1e-5  # float weights, biases, norms (0: step sizes only)
+    recon_weight_lr: float = 1e-4  # float weights, biases, norms (0: step sizes only)
     recon_drop: float = 0.5  # QDrop mixing: probability that an input element comes from P instead of Q
     # --- runtime
     # "auto": bf16 on CUDA for synthesis and the teacher's forwards, Q fine-tunes in float32; "bf16": bf16
@@ -167,9 +167,9 @@ class DFQConfig:
 # against ~90% with this setting, and the quantized model calibrates worse).
 SHORT_SCHEDULE_AUGMENT = {"affine_mean": 0.2, "affine_std": 0.2, "noise_std": 0.1}
 PRESETS: dict[str, dict] = {
-    "fast": dict(num_images=256, batch_size=64, iterations=100, epochs=0, **SHORT_SCHEDULE_AUGMENT),
+    "fast": dict(num_images=256, batch_size=64, iterations=100, epochs=0, recon_iters=100, **SHORT_SCHEDULE_AUGMENT),
     "standard": dict(num_images=256, batch_size=64, iterations=100, epochs=6, refresh_every=3, ft_batch_size=32,
-                     ft_lr=1e-3, **SHORT_SCHEDULE_AUGMENT),
+                     ft_lr=1e-3, recon_iters=100, **SHORT_SCHEDULE_AUGMENT),
     "paper": dict(num_images=10000, batch_size=16, iterations=2000, epochs=200, ft_batch_size=16,
                   refresh_every=30, calib_batch_size=32),
 }

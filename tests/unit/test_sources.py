@@ -1,0 +1,55 @@
+"""Calibration sources: the registry, the stages each allows, and a new source through the unchanged driver."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from maskaq_deploy.calib import RECIPES, attach_quantizers
+from maskaq_deploy.calib.dfq import METHODS, SOURCES, DFQConfig, Source, effective_config, register, run_calibration
+
+TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 16, "depth": 2, "num_heads": 2,
+        "mlp_ratio": 2.0}
+DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
+ALL_STAGES = DFQConfig(epochs=2, refresh_every=1, recon_iters=5)
+
+
+def test_the_four_methods_are_registered():
+    assert METHODS == ("noise", "real", "maskaq", "psaq") and set(SOURCES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method,stages", [("maskaq", (2, 1, 5)), ("real", (2, 0, 5)), ("psaq", (0, 0, 0)),
+                                           ("noise", (0, 0, 0))])
+def test_each_source_switches_off_the_stages_it_does_not_have(method, stages):
+    cfg = effective_config(method, ALL_STAGES)
+    assert (cfg.epochs, cfg.refresh_every, cfg.recon_iters) == stages
+
+
+def test_a_new_source_runs_through_the_driver(tmp_path):
+    calls = []
+
+    @register
+    class Checkerboard(Source):
+        name = "checkerboard"
+        reconstructs = True
+
+        def images(self, ctx, rnd):
+            calls.append(rnd)
+            board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2
+            return board.float().expand(ctx.cfg.num_images, 1, 16, 16).clone(), None
+
+    try:
+        torch.manual_seed(0)
+        fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+        q = copy.deepcopy(fp)
+        attach_quantizers(q, RECIPES["w8a8"])
+        summary = run_calibration(fp, q, method="checkerboard", config=ALL_STAGES.replace(num_images=8),
+                                  data_config=DATA, run_dir=tmp_path)
+    finally:
+        SOURCES.pop("checkerboard")
+    assert calls == [0]  # one set, no refresh, no fine-tune (the source has neither)
+    assert [u["unit"] for u in summary["curves"]["reconstruction"]] == ["blocks.0", "blocks.1"]
+    assert summary["seconds"]["finetune"] == 0.0 and summary["rounds"] == 0

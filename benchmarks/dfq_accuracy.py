@@ -74,6 +74,8 @@ ABLATIONS = {
     "no-entropy": ("maskaq", "fast", {"w_entropy": 0.0, **NO_RECON}),
     "recon-scales-only": ("maskaq", "fast", {"recon_weight_lr": 0.0}),
     "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0}),
+    "recon-300": ("maskaq", "fast", {"recon_iters": 300}),
+    "recon-wlr-1e-3": ("maskaq", "fast", {"recon_weight_lr": 1e-3}),
     "no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
 }
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
@@ -303,7 +305,7 @@ def print_tables(res: dict) -> None:
         seeds = sorted({r["seed"] for r in ablation})
         print(f"\nAblation (seeds {seeds})")
         recipe_tables([r for r in runs if r["seed"] in seeds and r["recipe"] in {a["recipe"] for a in ablation}],
-                      res.get("meta", {}), ["maskaq-calib", *list(ABLATIONS)[:5], "maskaq-fast", *list(ABLATIONS)[5:7],
+                      res.get("meta", {}), ["maskaq-calib", *list(ABLATIONS)[:5], "maskaq-fast", *list(ABLATIONS)[5:9],
                                             "maskaq-std", "no-refresh"])
     cpu_table(main)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shlex
 import sys
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-shift", type=int, default=None, help="default: per architecture, else 2")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--warmup-epochs", type=float, default=None, help="default: per architecture, else 0.5")
+    ap.add_argument("--init-from", default=None,
+                    help="continue from this model.safetensors (a second, lower-LR stage); the first stage's command "
+                         "is kept in front of this one in config.json")
     args = ap.parse_args(argv)
     timm_name, kwargs, defaults = ARCHS[args.arch]
     for name, value in {"batch_size": 128, "max_shift": 2, "warmup_epochs": 0.5, **defaults}.items():
@@ -98,6 +102,13 @@ def main(argv=None) -> int:
     data = mnist.load_mnist(args.mnist)
     (xtr, ytr), (xva, yva), (xte, yte) = data["train"], data["valid"], data["test"]
     model = build(args.arch)
+    previous = None
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.init_from))
+        cfg_path = Path(args.init_from).parent / "config.json"
+        previous = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
     print(f"{args.arch}: {timm_name} {kwargs} ({sum(p.numel() for p in model.parameters())} params)", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -108,6 +119,8 @@ def main(argv=None) -> int:
                                               0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
     xtr_t, ytr_t = torch.from_numpy(xtr), torch.from_numpy(ytr)
     best = (-1.0, 0, None)
+    if args.init_from:  # a second stage keeps the first stage's model unless it beats it on valid
+        best = (mnist.evaluate(model, xva, yva), 0, copy.deepcopy(model.state_dict()))
     t_start = time.time()
     for epoch in range(epochs):
         model.train()
@@ -141,14 +154,20 @@ def main(argv=None) -> int:
                "--seed", str(args.seed), "--threads", str(args.threads)]
     for name in ("epochs", "batch_size", "lr", "weight_decay", "max_shift", "label_smoothing", "warmup_epochs"):
         command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.init_from:
+        command += ["--init-from", str(out / "model.safetensors")]
+    command = shlex.join(command)
+    if previous:
+        command = f"{previous['train_command']} && {command}"
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(out / "model.safetensors", save(weights, metadata={"format": "pt", "timm_name": timm_name}))
     atomic_write_json(out / "config.json", {
         "timm_name": timm_name, "model_kwargs": kwargs, "mean": [mnist.MEAN], "std": [mnist.STD],
         "input_size": [1, 28, 28], "interpolation": "bilinear", "crop_pct": 1.0,
-        "valid_top1": round(valid, 2), "test_top1": round(test, 2), "epochs": epochs, "best_epoch": best_epoch,
-        "seed": args.seed, "train_command": shlex.join(command)})
+        "valid_top1": round(valid, 2), "test_top1": round(test, 2),
+        "epochs": epochs if not previous else f"{previous['epochs']} + {epochs}", "best_epoch": best_epoch,
+        "seed": args.seed, "train_command": command})
     print(f"wrote {out}", flush=True)
     return 0
 

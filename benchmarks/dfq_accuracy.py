@@ -171,11 +171,13 @@ def _synthesis_key(setup, labels, seed) -> str:
     cfg = {k: v for k, v in setup.cfg.to_dict().items()
            if k not in AFTER_SYNTHESIS and not k.startswith(("ft_", "recon_"))}
     h.update(json.dumps([setup.method, cfg, seed, labels.tolist(), list(setup.input_size)]).encode())
-    for model in (setup.teacher, setup.student):
+    # P's float tensors only (its disabled quantizers hold the recipe's scales, which P never uses); all of Q
+    for model, skip in ((setup.teacher, "_quantizer."), (setup.student, None)):
         if model is not None:
             for k, v in model.state_dict().items():
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+                if skip is None or skip not in k:
+                    h.update(k.encode())
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

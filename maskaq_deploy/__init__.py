@@ -16,30 +16,25 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "calibrate": "maskaq_deploy.pipeline",
-    "export_run": "maskaq_deploy.pipeline",
-    "evaluate": "maskaq_deploy.pipeline",
-    "verify": "maskaq_deploy.pipeline",
-    "build": "maskaq_deploy.pipeline",
-    "Run": "maskaq_deploy.run",
-    "CalibrateConfig": "maskaq_deploy.config",
-    "ModelConfig": "maskaq_deploy.models",
-    "Manifest": "maskaq_deploy.records",
-    "Report": "maskaq_deploy.records",
-    "get_recipe": "maskaq_deploy.calib",
-    "attach_quantizers": "maskaq_deploy.calib",
+# where each public name lives; imported on first use
+_API = {
+    "maskaq_deploy.pipeline": ("calibrate", "export_run", "evaluate", "verify", "build"),
+    "maskaq_deploy.run": ("Run",),
+    "maskaq_deploy.config": ("CalibrateConfig",),
+    "maskaq_deploy.models": ("ModelConfig",),
+    "maskaq_deploy.records": ("Manifest", "Report"),
+    "maskaq_deploy.calib": ("get_recipe", "attach_quantizers"),
 }
-
-__all__ = sorted(_LAZY)
+_HOME = {name: module for module, names in _API.items() for name in names}
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _HOME:
         raise AttributeError(f"module 'maskaq_deploy' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    value = globals()[name] = getattr(importlib.import_module(_HOME[name]), name)
+    return value
 
 
 def __dir__():
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *_HOME])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from maskaq_deploy.calib.checkpoint import load_quantized_checkpoint, read_manifest
 from maskaq_deploy.data import ImageSet, load_image_set
 from maskaq_deploy.errors import DataError, MaskAQError, UsageError
 from maskaq_deploy.models import EMBEDDED, LoadedModel, ModelConfig, load_model
@@ -109,14 +110,10 @@ class Run:
 
     @cached_property
     def manifest(self) -> Manifest:
-        from maskaq_deploy.calib.checkpoint import read_manifest
-
         return Manifest.from_dict(read_manifest(self.path))
 
     @cached_property
     def quantized(self) -> torch.nn.Module:
-        from maskaq_deploy.calib import load_quantized_checkpoint
-
         model, manifest = self._timed("verify_load", lambda: load_quantized_checkpoint(self.path))
         self.__dict__.setdefault("manifest", Manifest.from_dict(manifest))
         return model

@@ -254,14 +254,15 @@ def suggest_keep_fp(run, val_images=None, max_drop: float = 1.0, *, rows: list[d
         order = [r["layer"] for r in rows]
         if len(search) < len(images):  # search on the subset, then confirm on the full set
             fp_search = model_logits(fp_model, search, batch_size)[0]
-            added, _ = greedy_float_search(qmodel, order, lambda: drop(search, fp_search), drop(search, fp_search),
-                               max_drop, steps, len(search))
+            added, _ = greedy_float_search(qmodel, order, lambda: drop(search, fp_search),
+                                           drop(search, fp_search), max_drop, steps, len(search))
             current = drop(images, fp_logits)
             steps.append({"layer": None, "kept": len(added), "drop": current, "images": len(images),
                           "accepted": True})
         # on the full set: everything when there is no subset, or as long as the subset was optimistic
-        more, current = greedy_float_search(qmodel, [n for n in order if n not in added], lambda: drop(images, fp_logits),
-                                current, max_drop, steps, len(images), start=len(added))
+        rest = [n for n in order if n not in added]
+        more, current = greedy_float_search(qmodel, rest, lambda: drop(images, fp_logits), current, max_drop, steps,
+                                            len(images), start=len(added))
         added += more
     all_layers = [n for n, _ in quantized_layers(qmodel)]  # quantizers switched off still count
     existing = list(manifest.keep_fp or [])

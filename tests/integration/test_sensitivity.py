@@ -145,9 +145,9 @@ def test_a_rebuild_with_the_suggestion_quantizes_nothing_it_names(run, tmp_path)
     d, cfg = run
     s = suggest_keep_fp(d / "run", str(d / "val.npz"), max_drop=5.0)
     manifest = calibrate(cfg, CalibrateConfig(method="real", recipe="w4a4", calib_data=str(d / "val.npz"),
-                                              num_images=32, keep_fp=tuple(s.patterns)), tmp_path / "rebuilt")
-    assert set(s.added) <= set(manifest["kept_fp_modules"])
-    assert manifest["quantized_modules"] == 11 - len(s.added)
+                                              num_images=32, keep_fp=tuple(s.patterns)), tmp_path / "rebuilt").manifest
+    assert set(s.added) <= set(manifest.kept_fp_modules)
+    assert manifest.quantized_modules == 11 - len(s.added)
 
 
 def test_analyze_writes_sensitivity_json(run):

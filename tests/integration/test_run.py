@@ -134,6 +134,7 @@ def test_records_round_trip_and_keep_unknown_keys(random_run):
     m = Manifest.from_dict({**raw, "from_a_newer_tool": 1})
     assert m.seed == 7 and m.recipe_name == "w8a8" and m.extra == {"from_a_newer_tool": 1}
     assert Manifest.from_dict(m.to_dict()) == m and m.to_dict()["from_a_newer_tool"] == 1
+    pipeline.verify(random_run / "run", str(random_run / "val.npz"), sensitivity_images=4)
     report = json.loads((random_run / "run" / "report.json").read_text())
     r = Report.from_dict(report)
     assert r.to_dict() == report and r.runtimes["torch"].top1 == report["runtimes"]["torch"]["top1"]
@@ -148,3 +149,21 @@ def test_an_unknown_backend_is_one_line_listing_the_known_ones():
     with pytest.raises(BackendError) as e:
         get_backend("openvino")
     assert str(e.value) == "unknown runtime 'openvino'; available: torch, onnxruntime, tensorrt"
+
+
+def test_a_run_directory_with_a_sparser_manifest_still_verifies(random_run, tmp_path):
+    """Manifests keep schema version 1: a run written before the typed records (or by an older tool that did
+    not record the seed, timings or versions) is read with defaults for what it lacks."""
+    import shutil
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(random_run / "run", run_dir)
+    (run_dir / "report.json").unlink(missing_ok=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("seed", "seconds", "calibration", "dfq_config", "versions", "inputs", "kept_fp_modules"):
+        manifest.pop(key)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(cli, ["verify", str(run_dir), "--val-data", str(random_run / "val.npz")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_eval_images"] == 24 and report["schema_version"] == 2

@@ -31,6 +31,7 @@ from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json
 from maskaq_deploy.export.errors import ExportError
 from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
+from maskaq_deploy.runtimes.registry import TENSORRT
 
 BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"
@@ -207,7 +208,7 @@ def _template_text() -> str:
 
 def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_batch: int = 1,
                  opt_batch: int | None = None, max_batch: int = 32, workspace_mib: int | None = None,
-                 flavour: str = "tensorrt", min_agreement: float = 0.99) -> Path:
+                 flavour: str = TENSORRT, min_agreement: float = 0.99) -> Path:
     """Write ``out_dir/bundle`` (replacing an existing one) and return its path.
 
     ``manifest`` carries the caller's facts (model, recipe, ...); the bundle adds input/output, TensorRT

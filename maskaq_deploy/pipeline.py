@@ -292,7 +292,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
     deploy.check_target(cfg.recipe, target)  # refuse before any work
     t0 = time.perf_counter()
     run = calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
-    run.val_data, run.limit = val_data, limit
+    run.choose_images(val_data, limit)
     results, runtime, engine_reason = {TORCH: evaluate(run, TORCH)}, TORCH, None
     if target != TORCH:
         t1 = time.perf_counter()

@@ -94,9 +94,24 @@ class Run:
         return f"Run({str(self.path)!r})"
 
     @classmethod
-    def of(cls, run, **kw) -> Run:
-        """``run`` itself when it is a Run, else a Run on that directory."""
-        return run if isinstance(run, Run) else cls(run, **kw)
+    def of(cls, run, *, val_data: str | None = None, limit: int | None = None, **kw) -> Run:
+        """``run`` itself when it is a Run (with ``val_data`` / ``limit`` applied when given), else a Run on
+        that directory."""
+        if not isinstance(run, Run):
+            return cls(run, val_data=val_data, limit=limit, **kw)
+        run.choose_images(val_data, limit)
+        return run
+
+    def choose_images(self, val_data: str | None = None, limit: int | None = None) -> None:
+        """Set the validation images (None keeps the current choice); refused once they are loaded."""
+        wanted = {k: v for k, v in (("val_data", val_data), ("limit", limit)) if v is not None}
+        changed = {k: v for k, v in wanted.items() if getattr(self, k) != v}
+        if changed and "val_images" in self.__dict__:
+            raise UsageError(f"{self!r} has loaded its validation images already; give {', '.join(changed)} "
+                             "when making the Run")
+        for key, value in changed.items():
+            setattr(self, key, value)
+        self.__dict__.pop("val_spec", None)
 
     @property
     def report_path(self) -> Path:

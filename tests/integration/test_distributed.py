@@ -199,6 +199,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
 def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     cfg = _config(tmp_path, "refresh", iterations=10, refresh=1)  # a refresh makes synthesis run twice

@@ -274,6 +274,7 @@ def test_cli_verify_gate_exit_codes(run, tmp_path):
     assert (d / "run" / "report.html").is_file() and (d / "run" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_cli_build_gate_and_baselines(run, tmp_path):
     from maskaq_deploy.cli import cli
 

@@ -106,6 +106,7 @@ def test_no_search_when_the_budget_is_already_met(run):
     assert s.fp_top1 == 100.0 and s.drop_before == s.drop_after == pytest.approx(100.0 - s.quant_top1_before)
 
 
+@pytest.mark.slow
 def test_greedy_search_meets_the_budget_and_the_figure_is_reproducible(run):
     d, _ = run
     s = suggest_keep_fp(d / "run", str(d / "val.npz"), max_drop=0.0, search_images=32)

@@ -195,10 +195,8 @@ def gate(report: Report, limits: gate_mod.Thresholds) -> gate_mod.GateResult:
 
 
 def render(run: Run, report: Report) -> tuple[Path, Path]:
-    """RUN/report.md and RUN/report.html of ``report``."""
-    d = report.to_dict()
-    return write_reports(run.path, d, run.manifest.to_dict(), sensitivity_rows=(d.get("sensitivity") or {}).get(
-        "rows"), latency_rows=d.get("latency"))
+    """RUN/report.md and RUN/report.html of ``report`` (its sensitivity and latency tables included)."""
+    return write_reports(run.path, report.to_dict(), run.manifest.to_dict())
 
 
 def make_report(run: Run, results: dict[str, RuntimeResult], runtime: str) -> Report:

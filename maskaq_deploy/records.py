@@ -52,6 +52,8 @@ class Record:
             if f.name in self.nested:
                 value = {k: v.to_dict() for k, v in value.items()}
             out[f.name] = value
+        if "schema_version" in out:  # first, as a reader looks for it
+            out = {"schema_version": out.pop("schema_version"), **out}
         return {**out, **self.extra}
 
 
@@ -76,21 +78,11 @@ class Manifest(Record):
     calibration: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return self.model["name"]
-
-    @property
-    def timm_name(self) -> str:
-        return self.model["timm_name"]
-
-    @property
-    def recipe_name(self) -> str:
-        return self.recipe["name"]
-
-    @property
-    def data_config(self) -> dict:
-        return self.model["data_config"]
+    # the entries every stage asks for
+    name = property(lambda self: self.model["name"], doc="the model as given to --model")
+    timm_name = property(lambda self: self.model["timm_name"])
+    recipe_name = property(lambda self: self.recipe["name"])
+    data_config = property(lambda self: self.model["data_config"], doc="mean, std, input_size, ...")
 
 
 @dataclass

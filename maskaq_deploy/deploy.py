@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from maskaq_deploy.calib import get_recipe
+from maskaq_deploy.calib.recipes import Recipe
 from maskaq_deploy.errors import UsageError
+from maskaq_deploy.export.targets import check_recipe_for_target
 from maskaq_deploy.run import Run
 from maskaq_deploy.runtimes.registry import get_backend
 from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, TARGETS, TENSORRT, TORCH
@@ -43,18 +46,13 @@ def check_target(recipe_name: str, target: str) -> None:
         raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == TORCH:
         return
-    from maskaq_deploy.calib import get_recipe
-    from maskaq_deploy.export.targets import check_recipe_for_target
-
     check_recipe_for_target(get_recipe(recipe_name), target)
 
 
 def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = None, fp_too: bool = True,
            batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
     """Export the run's checkpoint to QDQ ONNX (and its float graph to RUN/model.onnx)."""
-    from maskaq_deploy.calib.recipes import Recipe
-    from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx
-    from maskaq_deploy.export.targets import check_recipe_for_target
+    from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
     if flavour not in FLAVOURS:
         raise UsageError(f"unknown export flavour {flavour!r}; use --for {' or --for '.join(FLAVOURS)}")

@@ -51,7 +51,7 @@ def effective_config(method: str, config: DFQConfig) -> DFQConfig:
     return make_source(method).effective_config(config)
 
 
-def _autocast_dtype(cfg: DFQConfig, device: torch.device):
+def autocast_dtype_for(cfg: DFQConfig, device: torch.device):
     if cfg.autocast == "off" or (cfg.autocast == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
@@ -136,7 +136,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         log.info("resuming the %s run in %s", method, state.root)
     ctx = RunContext(method=method, cfg=cfg, teacher=teacher, q_model=q_model, layout=token_layout(teacher),
                      num_classes=_num_classes(teacher), input_size=(c, h, w), mean=mean, std=std, device=device,
-                     autocast_dtype=_autocast_dtype(cfg, device), dist=dist, state=state, emit=emit,
+                     autocast_dtype=autocast_dtype_for(cfg, device), dist=dist, state=state, emit=emit,
                      save_images=save_images, real_images=real_images, real_labels=real_labels)
     source.start(ctx)
 

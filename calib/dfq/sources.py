@@ -136,5 +136,3 @@ class MaskAQSource(_Synthesized):
 class PSAQSource(_Synthesized):
     name = "psaq"
 
-
-METHODS = tuple(SOURCES)  # the registered method names, in registration order

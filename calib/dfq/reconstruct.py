@@ -9,8 +9,9 @@ reproduce P's output of that unit:
 already reconstructed, so later units learn to absorb earlier errors); ``x_mix`` takes each element from
 ``x_p`` with probability ``recon_drop`` and from ``x_q`` otherwise (QDrop's mixing: the unit sees both clean
 and quantization-perturbed inputs, which flattens the loss it is tuned on and overfits a few hundred images
-less than a model-level objective). Trained per unit: the quantizers' step sizes (LSQ, Adam at ``recon_lr``)
-and the float weights, biases and norms (Adam at ``recon_weight_lr``, small, so the weights move by about
+less than a model-level objective). Trained per unit: the quantizers' step sizes (LSQ, Adam at ``recon_lr``,
+capped at 5% of each scale tensor's mean per step and floored at 1% of its start, so scales stay positive at any
+bit width) and the float weights, biases and norms (Adam at ``recon_weight_lr``, small, so the weights move by about
 a rounding step: the effect of learned rounding without a rounding variable per weight). Both learning rates
 are cosine-annealed over ``recon_iters`` steps of ``recon_batch_size`` samples.
 
@@ -90,11 +91,21 @@ def mixed_input(x_p: torch.Tensor, x_q: torch.Tensor, drop: float, gen: torch.Ge
     return torch.where(keep_p.to(x_q.device), x_p, x_q)
 
 
+SCALE_STEP_CAP = 0.05  # an Adam step moves a quantizer's scales by at most ~5% of their mean magnitude
+SCALE_FLOOR = 0.01  # and never below 1% of where they started (a scale must stay positive)
+
+
 def unit_optimizer(unit: nn.Module, cfg: DFQConfig) -> torch.optim.Adam:
-    scales, weights = [], []
+    """Adam over the unit: one group per quantizer scale tensor, at ``recon_lr`` capped relative to the
+    tensor's magnitude (8-bit weight scales are ~1e-3, where an absolute step of 1e-3 would flip their sign),
+    and one group of float weights at ``recon_weight_lr``."""
+    groups, weights = [], []
     for name, p in unit.named_parameters():
-        (scales if QUANTIZER_KEY in name else weights).append(p)
-    groups = [{"params": scales, "lr": cfg.recon_lr, "base_lr": cfg.recon_lr}]
+        if QUANTIZER_KEY in name:
+            lr = min(cfg.recon_lr, SCALE_STEP_CAP * float(p.detach().abs().mean()))
+            groups.append({"params": [p], "lr": lr, "base_lr": lr, "floor": p.detach().abs() * SCALE_FLOOR})
+        else:
+            weights.append(p)
     if cfg.recon_weight_lr > 0 and weights:
         groups.append({"params": weights, "lr": cfg.recon_weight_lr, "base_lr": cfg.recon_weight_lr})
     else:
@@ -126,6 +137,10 @@ def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, ta
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            with torch.no_grad():
+                for g in opt.param_groups:
+                    if "floor" in g:
+                        torch.maximum(g["params"][0], g["floor"], out=g["params"][0])
     finally:
         for p, r in saved.items():
             p.requires_grad_(r)

@@ -83,3 +83,16 @@ def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
     with torch.no_grad():
         assert (q(images) - fp(images)).pow(2).mean().item() < logits_err_before
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_reconstruction_keeps_8_bit_weight_scales_positive():
+    # 8-bit weight scales are ~1e-3: an uncapped step of recon_lr would push some below zero
+    torch.manual_seed(0)
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES["w8a8"])
+    images = torch.randn(32, 1, 16, 16)
+    calibrate_observers(q, lambda m: m(images))
+    reconstruct(make_teacher(fp, q), q, images, DFQConfig(recon_iters=30, recon_batch_size=16, recon_lr=1e-2), "cpu")
+    scales = [p for n, p in q.named_parameters() if n.endswith("_quantizer.scale")]
+    assert scales and all(bool((s > 0).all()) for s in scales)

@@ -7,6 +7,8 @@ line on stderr and an exit code (see maskaq_deploy.errors); heavy imports happen
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,9 +18,12 @@ from pathlib import Path
 
 import click
 
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
+from maskaq_deploy import rundir
+from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 log = logging.getLogger("maskaq_deploy")
+POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(0, 2 ** 63 - 1)
 
 
 def _typed_errors():
@@ -27,7 +32,10 @@ def _typed_errors():
     from maskaq_deploy.errors import MaskAQError
     from maskaq_deploy.runtimes.errors import BackendError
 
+    from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
+
     pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
+             (DFQConfigError, EXIT_USAGE), (ResumeError, EXIT_USAGE),
              (CheckpointError, EXIT_FAILURE), (QuantError, EXIT_FAILURE), (BackendError, EXIT_FAILURE)]
     try:
         from maskaq_deploy.export.errors import ExportError, ExportInputError
@@ -65,15 +73,45 @@ def _error_line(e: Exception) -> str | None:
     return msg
 
 
+def _os_error_line(e: OSError) -> tuple[str, int]:
+    """One line naming the problem and the fix for an OSError, and its exit code: 2 where the path the user
+    chose is the problem (read-only, not a folder, missing), 1 where the machine is (full disk, I/O)."""
+    where = e.filename or "a file"
+    usage = {
+        errno.EROFS: "{w} is on a read-only file system; choose another --out",
+        errno.EACCES: "permission denied on {w}; choose a folder you can write",
+        errno.EPERM: "operation not permitted on {w}; choose a folder you can write",
+        errno.ENOTDIR: "{w}: a part of the path is a file, not a folder; choose another path",
+        errno.EISDIR: "{w} is a folder where a file was expected; give a file path",
+        errno.ENOENT: "{w} does not exist; check the path",
+        errno.ENAMETOOLONG: "{w}: the path is too long; choose a shorter one",
+    }
+    failure = {
+        errno.ENOSPC: "no space left on the device writing {w}; free space or choose another --out",
+        errno.EDQUOT: "disk quota exceeded writing {w}; free space or choose another --out",
+    }
+    if e.errno in usage:
+        return usage[e.errno].format(w=where), EXIT_USAGE
+    text = failure.get(e.errno, f"{{w}}: {e.strerror or type(e).__name__}; check the path and the disk")
+    return text.format(w=where), EXIT_FAILURE
+
+
 class App(click.Group):
-    """Turns the library's typed errors into one line and an exit code, never a traceback."""
+    """Turns every error into one line and an exit code, never a traceback (MASKAQ_TRACEBACK=1 shows it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except click.exceptions.ClickException as e:  # click's own option checks: one line, not the usage text
+            abort(f"{e.format_message()} (see '{ctx.info_name} --help')".replace("\n", " "), EXIT_USAGE)
         except KeyboardInterrupt:
-            abort("interrupted; completed checkpoints are kept (rerun with --resume where supported)", 130)
+            abort("interrupted; the previous run is unchanged, and finished calibration work is kept (rerun with "
+                  "--resume to continue it)", EXIT_INTERRUPTED)
         except Exception as e:
+            if os.environ.get("MASKAQ_TRACEBACK"):
+                raise
             for cls, code in _typed_errors():
                 if isinstance(e, cls):
                     code = code if code is not None else e.exit_code
@@ -81,7 +119,11 @@ class App(click.Group):
                     if line is None:
                         sys.exit(code)
                     abort(line, code)
-            raise
+            if isinstance(e, OSError):
+                abort(*_os_error_line(e))
+            first = (str(e).splitlines() or [""])[0][:200]
+            abort(f"unexpected {type(e).__name__}: {first}; please report it (MASKAQ_TRACEBACK=1 shows where)",
+                  EXIT_FAILURE)
 
 
 def _floats(value: str | None, what: str):
@@ -134,10 +176,10 @@ def calib_options(f):
                      help="w8a8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
         click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
         click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
-        click.option("--num-images", type=int, default=None,
+        click.option("--num-images", type=POSITIVE, default=None,
                      help="Calibration images (synthetic or real); default: the preset's."),
-        click.option("--batch-size", type=int, default=None, help="Batch size for real images and evaluation."),
-        click.option("--seed", type=int, default=None, help="Random seed."),
+        click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
+        click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
         click.option("--device", default=None, help="cpu or cuda."),
         click.option("--force", is_flag=True, help="Overwrite a non-empty output directory."),
         click.option("--quiet", is_flag=True, help="No progress bars; logs only."),
@@ -161,28 +203,36 @@ def gate_options(f):
     return f
 
 
-def _finish(run, report: dict, limits) -> None:
-    """Gate + report.json/md/html; prints the gate's lines and exits 4 on a breach."""
-    from maskaq_deploy.errors import EXIT_GATE
+def _command_line() -> str:
+    return shlex.join(["maskaq-deploy", *sys.argv[1:]])
+
+
+def _finish(run, report: dict, limits, shown=None) -> int:
+    """Gate + report.json/md/html; prints the gate's lines; returns the exit code (4 on a breach). ``shown``: the
+    folder to name in the output when ``run`` is the stage that will replace it."""
+    from maskaq_deploy.errors import EXIT_GATE, EXIT_OK
     from maskaq_deploy.report import finish_report
 
-    done = finish_report(run, report, limits=limits, command=shlex.join(["maskaq-deploy", *sys.argv[1:]]))
-    click.echo(f"reports: {done.md_path}, {done.html_path}")
+    done = finish_report(run, report, limits=limits, command=_command_line())
+    shown = Path(shown) if shown is not None else Path(run)
+    click.echo(f"reports: {shown / done.md_path.name}, {shown / done.html_path.name}")
     if limits is not None and limits.active:
         for line in done.gate.lines():
             click.echo(line, err=not done.gate.passed)
         if not done.gate.passed:
             click.echo(f"gate breached: {len(done.gate.breached)} check(s) failed", err=True)
-            sys.exit(EXIT_GATE)
+            return EXIT_GATE
         click.echo(f"gate passed: {len(done.gate.checks)} check(s)")
+    return EXIT_OK
 
 
 def resolve_configs(kw: dict):
     """ModelConfig and CalibrateConfig from --config plus explicit options."""
-    from maskaq_deploy.config import CalibrateConfig, build, read_toml
+    from maskaq_deploy.config import CalibrateConfig, build, config_tables, with_dfq_preset
     from maskaq_deploy.models import ModelConfig
 
-    file = read_toml(kw["config_file"]) if kw.get("config_file") else {}
+    file = config_tables(kw.get("config_file"))
+    calibrate_table, dfq_table = with_dfq_preset(file.get("calibrate"), file.get("dfq"), kw.get("preset"))
     try:
         model_kwargs = json.loads(kw["model_kwargs"]) if kw.get("model_kwargs") else None
     except json.JSONDecodeError as e:
@@ -190,13 +240,14 @@ def resolve_configs(kw: dict):
     model_cfg = build(ModelConfig, file.get("model"), {
         "name": kw.get("model"), "kwargs": model_kwargs, "checkpoint": kw.get("checkpoint"),
         "pretrained": kw.get("pretrained"), "mean": _floats(kw.get("mean"), "--mean"),
-        "std": _floats(kw.get("std"), "--std"), "input_size": _ints(kw.get("input_size"), "--input-size")})
-    calib_cfg = build(CalibrateConfig, file.get("calibrate"), {
+        "std": _floats(kw.get("std"), "--std"), "input_size": _ints(kw.get("input_size"), "--input-size")},
+        table="model")
+    calib_cfg = build(CalibrateConfig, calibrate_table, {
         "method": kw.get("method"), "preset": kw.get("preset"), "save_images": kw.get("save_images"),
-        "dfq": file.get("dfq"), "recipe": kw.get("recipe"),
+        "dfq": dfq_table, "recipe": kw.get("recipe"),
         "keep_fp": tuple(kw["keep_fp"]) if kw.get("keep_fp") else None, "calib_data": kw.get("calib_data"),
         "num_images": kw.get("num_images"), "batch_size": kw.get("batch_size"), "seed": kw.get("seed"),
-        "device": kw.get("device")})
+        "device": kw.get("device")}, table="calibrate")
     return model_cfg, calib_cfg
 
 
@@ -301,8 +352,8 @@ def calibrate(out, force, quiet, resume, **kw):
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
-@click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
-@click.option("--batch-size", type=int, default=256)
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @gate_options
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
@@ -315,9 +366,14 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
     manifest = read_manifest(run)  # the run's model and recipe, for the baseline precheck
     precheck(limits, model=manifest["model"]["name"], recipe=manifest["recipe"]["name"])
-    report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
-    _print_report(report)
-    _finish(run, report, limits)
+    if artifact is not None and not Path(artifact).is_file():
+        raise UsageError(f"--artifact {artifact} does not exist; give an exported .onnx or .engine, or leave it "
+                         "out to use the run's own")
+    with _run_lock(run):
+        report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
+        _print_report(report)
+        code = _finish(run, report, limits)
+    sys.exit(code)
 
 
 @cli.command()
@@ -328,7 +384,7 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
               type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
-@click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--bundle-only", is_flag=True,
               help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
@@ -340,6 +396,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
     from maskaq_deploy.calib import get_recipe
 
+    from maskaq_deploy.errors import EXIT_NO_ENGINE, EXIT_OK
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
 
@@ -347,17 +404,19 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     limits = thresholds(max_drop, baseline, max_regression)
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
-    with _ProgressView(quiet) as view:
-        result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
+    # the whole build, reports included, goes into a stage that replaces OUT only when it is complete; a gate
+    # breach (4) or a missing engine (3) still installs it: the run is whole and its report says why
+    with rundir.writing(out, force=force, resume=resume, command=_command_line(), main=_rank_world()[0] == 0) \
+            as stage, _ProgressView(quiet) as view:
+        result = run_build(model_cfg, calib_cfg, stage, target=target, val_data=val_data, limit=limit,
                            dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume)
-    _print_report(result.report)
+        _print_report(result.report)
+        code = _finish(stage, result.report, limits, shown=out)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
-    _finish(out, result.report, limits)
     if result.engine_missing_reason:
-        from maskaq_deploy.errors import EXIT_NO_ENGINE
-
         click.echo(f"engine not built: {result.engine_missing_reason}", err=True)
-        sys.exit(EXIT_NO_ENGINE)
+        code = code if code != EXIT_OK else EXIT_NO_ENGINE
+    sys.exit(code)
 
 
 @cli.command("export")
@@ -365,16 +424,21 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 @click.option("--for", "flavour", default="onnxruntime", show_default=True,
               type=click.Choice(["onnxruntime", "tensorrt"]), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Fixed batch size of the graph.")
+@click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 21 for INT4 weights).")
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
     from maskaq_deploy.deploy import conformance, export_run
 
+    from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
+
     _setup_logging()
-    res = export_run(run, flavour=flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch,
-                     opset=opset)
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
+    with _run_lock(run):
+        res = export_run(run, flavour=flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch,
+                         opset=opset)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
         "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
     click.echo(f"wrote {res.qdq_path} ({flavour}, opset {res.opset}; {counts})")
@@ -420,17 +484,28 @@ def inspect_cmd(model):
 @cli.command("bench")
 @click.argument("artifact", type=click.Path())
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", default="1,2", show_default=True, help="Comma-separated intra-op thread counts.")
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--iterations", type=int, default=30, show_default=True)
+@click.option("--threads", default="1,2", show_default=True,
+              help="Comma-separated intra-op thread counts, each 1 to 4x the CPU cores.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--iterations", type=POSITIVE, default=30, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu or cuda.")
 def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
     """Latency (median, p90) and throughput of ARTIFACT (.onnx, or a run directory's model.qdq.onnx)."""
     from maskaq_deploy.pipeline import bench
 
     _setup_logging()
-    rows = bench(artifact, batch_sizes=_ints_list(batch_sizes, "--batch-sizes"),
-                 threads=_ints_list(threads, "--threads"), warmup=warmup, iterations=iterations, provider=provider)
+    max_threads = 4 * (os.cpu_count() or 1)
+    thread_counts = _ints_list(threads, "--threads")
+    if max(thread_counts) > max_threads:
+        raise UsageError(f"--threads {max(thread_counts)} is more than 4x this machine's {os.cpu_count()} CPU "
+                         f"cores; use 1 to {max_threads}")
+    with _run_lock(artifact):
+        rows = bench(artifact, batch_sizes=_ints_list(batch_sizes, "--batch-sizes"), threads=thread_counts,
+                     warmup=warmup, iterations=iterations, provider=provider)
+        if Path(artifact).is_dir():  # a run directory: the next report shows this latency table
+            from maskaq_deploy.report import record_latency
+
+            record_latency(artifact, rows)
     from rich.console import Console
     from rich.table import Table
 
@@ -441,10 +516,6 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
         table.add_row(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['throughput']:.1f}")
     Console().print(table)
-    if Path(artifact).is_dir():  # a run directory: the next report shows this latency table
-        from maskaq_deploy.report import record_latency
-
-        record_latency(artifact, rows)
 
 
 @cli.command("sensitivity")
@@ -452,7 +523,7 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Top-1 budget (points vs FP) the suggested --keep-fp list should meet.")
-@click.option("--limit", type=int, default=None, help="Use at most this many validation images.")
+@click.option("--limit", type=POSITIVE, default=None, help="Use at most this many validation images.")
 def sensitivity_cmd(run, val_data, max_drop, limit):
     """Per-layer sensitivity of RUN (output SQNR vs FP, worst first) and a --keep-fp list meeting --max-drop."""
     from rich.console import Console
@@ -461,7 +532,8 @@ def sensitivity_cmd(run, val_data, max_drop, limit):
     from maskaq_deploy.sensitivity import TABLE_COLUMNS, analyze, summary_lines, table_rows
 
     _setup_logging()
-    result = analyze(run, val_data, max_drop=max_drop, limit=limit)
+    with _run_lock(run):
+        result = analyze(run, val_data, max_drop=max_drop, limit=limit)
     table = Table(title=f"per-layer sensitivity of {run} ({result['recipe']})")
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -470,6 +542,12 @@ def sensitivity_cmd(run, val_data, max_drop, limit):
     Console().print(table)
     for line in summary_lines(result):
         click.echo(line)
+
+
+def _run_lock(run):
+    """The advisory lock of run folder ``run`` for a command that writes into it (nothing for a file or a
+    missing folder: the command then refuses it itself)."""
+    return rundir.locked(run, _command_line()) if Path(run).is_dir() else contextlib.nullcontext()
 
 
 def _ints_list(value: str, what: str) -> list[int]:

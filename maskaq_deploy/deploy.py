@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskaq_deploy import provenance
 from maskaq_deploy.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,13 @@ def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None 
         raise UsageError(f"unknown export flavour {flavour!r}; use --for onnxruntime or --for tensorrt")
     run_dir = Path(run_dir)
     qmodel, manifest = load_quantized_checkpoint(run_dir)
+    provenance.check_checkpoint(run_dir, manifest)
     if flavour == "tensorrt":
         _check_recipe(manifest, "tensorrt")
     qdq_path = Path(out) if out else run_dir / QDQ_ONNX
     meta = {"maskaq.recipe": manifest["recipe"]["name"], "maskaq.method": manifest["method"],
-            "maskaq.model": manifest["model"]["name"], "maskaq.flavour": flavour}
+            "maskaq.model": manifest["model"]["name"], "maskaq.flavour": flavour,
+            **provenance.artifact_metadata(run_dir, manifest)}
     res = export_qdq_onnx(qmodel, qdq_path, flavour=flavour, batch_size=batch_size,
                           dynamic_batch=dynamic_batch, opset=opset, metadata=meta)
     fp_path = None
@@ -97,6 +100,8 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
     import torch
 
     run_dir = Path(run_dir)
+    if artifact is not None:
+        provenance.check_artifact(artifact, run_dir, manifest)
     if runtime == "onnxruntime":
         from maskaq_deploy.runtimes.ort_backend import OrtBackend
 
@@ -104,6 +109,7 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
         if not path.is_file():
             log.info("%s not found: exporting the onnxruntime flavour first", path)
             path = export_run(run_dir, flavour="onnxruntime", fp_too=False, dynamic_batch=True).qdq_path
+        provenance.check_artifact(path, run_dir, manifest)
         backend = OrtBackend(path)
         info = {"artifact": path.name}
     elif runtime == "tensorrt":

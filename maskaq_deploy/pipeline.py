@@ -12,10 +12,10 @@ calib.dfq.distributed): every process loads the model and calibrates, rank 0 alo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +23,8 @@ import torch
 
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import ImageSet, load_image_set
-from maskaq_deploy.errors import DataError, MaskAQError, OutputExistsError, UsageError
+from maskaq_deploy import checks, provenance, rundir
+from maskaq_deploy.errors import DataError, MaskAQError, UsageError
 from maskaq_deploy.models import EMBEDDED, LoadedModel, ModelConfig, load_model
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,6 @@ def library_versions() -> dict:
             "python": platform.python_version()}
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty output directory unless ``force``; create it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"output directory {out} is not empty; choose another --out or pass --force")
-        for child in out.iterdir():  # --force: start clean so no stale artifact survives
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def default_data(model_cfg: ModelConfig, part: str, given: str | None, what: str) -> str:
     if given:
         return given
@@ -70,7 +58,11 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
 
     recipe = get_recipe(cfg.recipe)
     qmodel = copy.deepcopy(loaded.model)
+    checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in loaded.model.named_modules() if n])
     info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
+    if not info.quantized:
+        raise UsageError(f"recipe {recipe.name} with keep_fp {list(cfg.keep_fp)} leaves no module quantized; "
+                         "narrow the --keep-fp patterns")
     return qmodel, recipe, info
 
 
@@ -81,15 +73,21 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     Under torchrun every process calls this; the returned manifest is the same on every rank, the files are
     written by rank 0 only.
     """
-    from maskaq_deploy.calib import save_quantized_checkpoint
     from maskaq_deploy.calib.dfq import distributed
 
     dist = distributed.setup(cfg.device)
-    out = Path(out)
-    if not resume:
-        dist.on_main(lambda: prepare_out_dir(out, force), "preparing the output directory")
-    else:
-        dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True), "preparing the output directory")
+    with contextlib.ExitStack() as stack:  # rank 0 writes a stage that replaces ``out`` only on success
+        stage = dist.on_main(lambda: stack.enter_context(rundir.writing(out, force=force, resume=resume)),
+                             "preparing the output directory")
+        manifest = _calibrate(model_cfg, cfg, Path(stage), dist, progress=progress, resume=resume)
+    distributed.teardown()
+    return manifest
+
+
+def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, dist, *, progress, resume: bool) -> dict:
+    from maskaq_deploy.calib import save_quantized_checkpoint
+
+    checks.device_available(cfg.device)
     torch.manual_seed(cfg.seed)
     seconds = {}
     t0 = time.perf_counter()
@@ -102,11 +100,13 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
             cfg.dfq_config().num_images, cfg.seed)
         if len(real) == 0:
             raise DataError(f"--calib-data {spec} holds no images")
+        real.check_labels(checks.num_classes(loaded.model), "--calib-data")
     seconds["load"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
                           progress=progress, dist=dist)
     seconds["calibrate"] = round(time.perf_counter() - t0, 3)
+    rundir.relative_paths(summary, out)
     manifest = {
         "model": loaded.manifest_entry(),
         # the checkpoint path is stored resolved so verify can reload the FP model from any directory
@@ -130,7 +130,6 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     if dist.is_main:
         save_quantized_checkpoint(out, qmodel, manifest)
     dist.barrier("waiting for rank 0 to write the quantized checkpoint")  # no rank reports success before it
-    distributed.teardown()
     return manifest
 
 
@@ -157,10 +156,11 @@ def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: 
 
 
 @torch.no_grad()
-def _logits(model, images: ImageSet, batch_size: int, device: str = "cpu"):
+def _logits(model, images: ImageSet, batch_size: int, device: str = "cpu", what: str = "the quantized model"):
     outs, labels = [], []
     for x, y in images.batches(batch_size):
         outs.append(model(x.to(device)).float().cpu())
+        checks.finite_outputs(model, x.to(device), outs[-1], what)
         if y is not None:
             labels.append(y)
     return torch.cat(outs), (torch.cat(labels) if labels else None)
@@ -177,14 +177,16 @@ def reload_fp_model(manifest: dict) -> LoadedModel:
         if cfg_dict.get(key) is not None:
             cfg_dict[key] = tuple(cfg_dict[key])
     try:
-        return load_model(ModelConfig(**cfg_dict))
+        loaded = load_model(ModelConfig(**cfg_dict))
     except MaskAQError as e:
         raise UsageError(f"cannot reload the full-precision model of this checkpoint: {e}") from None
+    provenance.check_fp_weights(manifest, loaded)
+    return loaded
 
 
 def evaluate_fp(manifest: dict, images: ImageSet, batch_size: int = 256):
     fp = reload_fp_model(manifest)
-    return _logits(fp.model, images, batch_size)
+    return _logits(fp.model, images, batch_size, what="the full-precision model")
 
 
 def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limit: int | None = None,
@@ -199,12 +201,14 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
     seconds = {}
     t0 = time.perf_counter()
     qmodel, manifest = load_quantized_checkpoint(run_dir)
+    provenance.check_checkpoint(run_dir, manifest)
     model_cfg = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                for k, v in (manifest.get("model_config") or {}).items()})
     spec = default_data(model_cfg, "test", val_data, "--val-data")
     images = load_image_set(spec, manifest["model"]["data_config"], "--val-data").subset(limit)
     if images.labels is None or len(images) == 0:
         raise DataError(f"--val-data {spec} holds no labelled images")
+    images.check_labels(checks.num_classes(qmodel), "--val-data")
     seconds["verify_load"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -221,6 +225,7 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
         t0 = time.perf_counter()
         art_logits, art_info = run_artifact(runtime, run_dir, artifact, images, batch_size, manifest)
         seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
+        checks.finite_array(art_logits, f"the {runtime} artifact {art_info.get('artifact', '')}")
         res = _runtime_result(art_logits, labels, fp_logits)
         res.update(_vs_torch(art_logits, torch_logits))
         res.update(art_info)
@@ -286,8 +291,17 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
         raise err
     out = Path(out)
     deploy.check_target(cfg.recipe, target)  # refuse before any work
+    with rundir.writing(out, force=force, resume=resume) as stage:  # replaces ``out`` only on success
+        return _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
+                           dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress, resume=resume)
+
+
+def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, target: str, val_data, limit,
+                dynamic_batch: bool, bundle_only: bool, progress, resume: bool) -> BuildResult:
+    from maskaq_deploy import deploy
+
     t0 = time.perf_counter()
-    calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
+    calibrate(model_cfg, cfg, out, progress=progress, resume=resume)
     if target == "torch":
         report = verify(out, val_data, limit=limit)
         return BuildResult(report, _listing(out))
@@ -337,7 +351,7 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     path = Path(artifact)
     if path.is_dir():
         dyn = path / "model.qdq.dynamic.onnx"
-        if not dyn.is_file():
+        if not dyn.is_file() or not provenance.belongs(dyn, path):  # bench's own export, redone when stale
             deploy.export_run(path, flavour="onnxruntime", out=dyn, fp_too=False, dynamic_batch=True)
         path = dyn
     if not path.is_file():
@@ -346,6 +360,8 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise UsageError(f"{artifact} is not an ONNX file ({type(e).__name__})") from None
+    if not proto.graph.input:
+        raise UsageError(f"{artifact} has no graph inputs; give a model exported by 'maskaq-deploy export'")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if shape[0] is not None:  # a fixed batch: only that batch size is meaningful

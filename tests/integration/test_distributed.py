@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from maskaq_deploy.rundir import staging_path
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Max |w_2proc - w_1proc| / max |w| over every tensor of the artifact. The two runs see the same images in the
@@ -209,7 +211,7 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     try:
         # killed in the refresh: the resume then loads the epoch-0 checkpoint (Q and momentum), the refresh
         # round's first saved wave, and makes the rest
-        trigger = out / "dfq" / "round001" / "batch00001.safetensors"
+        trigger = staging_path(out) / "dfq" / "round001" / "batch00001.safetensors"  # the run is written there
         deadline = time.monotonic() + 120
         while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -236,7 +238,8 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     assert not re.search(r"\[rank\d\]:.*Traceback", err), err[-3000:]  # no worker traceback, only torchrun's report
     time.sleep(0.5)
     assert not any(_alive(pid) for pid in workers.values()), "a worker outlived the job"
-    assert not json.loads((out / "dfq" / "run.json").read_text()).get("completed")
+    assert not out.exists()  # nothing replaces --out before the job succeeds; the stage keeps the batches
+    assert not json.loads((staging_path(out) / "dfq" / "run.json").read_text()).get("completed")
 
     # resume the interrupted job with the same launch; it reuses the saved batches and completes
     res = _run(2, cfg, out, "--resume")
@@ -265,7 +268,7 @@ def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tu
         logs.append((tmp_path / f"rank{rank}.txt").open("w+"))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
     try:
-        trigger = out / "dfq" / "round000" / "batch00001.safetensors"
+        trigger = staging_path(out) / "dfq" / "round000" / "batch00001.safetensors"
         deadline = time.monotonic() + 120
         while not trigger.exists() and procs[0].poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)

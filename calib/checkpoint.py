@@ -33,7 +33,7 @@ from maskaq_deploy.calib.recipes import Recipe
 
 SCHEMA_VERSION = 1
 MODEL_FILE, QUANT_FILE, MANIFEST_FILE = "model.safetensors", "quant.safetensors", "manifest.json"
-MANIFEST_KEYS = (("model", dict), ("recipe", dict), ("method", str))  # what every reader relies on
+MANIFEST_KEYS = (("model", dict), ("recipe", dict))  # what every reader relies on
 
 
 @contextlib.contextmanager
@@ -182,8 +182,9 @@ def read_manifest(run_dir) -> dict:
             raise CheckpointError(f"{path} has no valid {key!r} entry (a {kind.__name__} is expected); recalibrate "
                                   "with --force")
     model = manifest["model"]
-    if not isinstance(model.get("timm_name"), str) or not isinstance(model.get("data_config"), dict):
-        raise CheckpointError(f"{path}: its 'model' entry lacks timm_name or data_config; recalibrate with --force")
+    if not isinstance(model.get("timm_name"), str) or not isinstance(model.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: its 'model' entry lacks a timm_name or has malformed kwargs; recalibrate "
+                              "with --force")
     return manifest
 
 

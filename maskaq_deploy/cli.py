@@ -181,7 +181,8 @@ def calib_options(f):
         click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
         click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
         click.option("--device", default=None, help="cpu or cuda."),
-        click.option("--force", is_flag=True, help="Overwrite a non-empty output directory."),
+        click.option("--force", is_flag=True,
+                     help="Replace the run in OUT (kept until the new one succeeds); never deletes other files."),
         click.option("--quiet", is_flag=True, help="No progress bars; logs only."),
     ]
     for opt in reversed(opts):
@@ -316,8 +317,8 @@ def _print_report(report: dict) -> None:
 def cli():
     """Data-free quantization (MaskAQ) and deployment of timm Vision Transformers.
 
-    Exit codes: 0 ok, 1 failure, 2 usage error, 3 engine not built here (bundle written), 4 accuracy gate
-    breached.
+    Exit codes: 0 ok, 1 failure, 2 usage error (also: run folder locked by another command), 3 engine not built
+    here (bundle written), 4 accuracy gate breached, 130 interrupted.
     """
 
 

@@ -134,8 +134,8 @@ def read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"checkpoint {path} not found")
     if path.suffix != ".safetensors" and _magic(path) not in TORCH_MAGIC:
-        raise ModelError(f"checkpoint {path} is not a torch or safetensors file (it starts with "
-                         f"{_magic(path)!r}); give a .safetensors or a .pth/.pt saved with "
+        raise ModelError(f"checkpoint {path} cannot be read: it is not a torch or safetensors file (it starts "
+                         f"with {_magic(path)!r}); give a .safetensors or a .pth/.pt saved with "
                          "torch.save(model.state_dict())")
     try:
         if path.suffix == ".safetensors":

@@ -58,8 +58,8 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
 
     recipe = get_recipe(cfg.recipe)
     qmodel = copy.deepcopy(loaded.model)
-    checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in loaded.model.named_modules() if n])
     info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
+    checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in qmodel.named_modules() if n and "_quantizer" not in n])
     if not info.quantized:
         raise UsageError(f"recipe {recipe.name} with keep_fp {list(cfg.keep_fp)} leaves no module quantized; "
                          "narrow the --keep-fp patterns")
@@ -301,6 +301,7 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
     from maskaq_deploy import deploy
 
     t0 = time.perf_counter()
+    _check_val_data(model_cfg, val_data, limit)  # bad validation images fail now, not after the calibration
     calibrate(model_cfg, cfg, out, progress=progress, resume=resume)
     if target == "torch":
         report = verify(out, val_data, limit=limit)
@@ -332,6 +333,13 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
 
     atomic_write_json(out / REPORT_FILE, report)
     return BuildResult(report, _listing(out), engine_reason)
+
+
+def _check_val_data(model_cfg: ModelConfig, val_data: str | None, limit: int | None) -> None:
+    loaded = load_model(model_cfg)
+    spec = default_data(model_cfg, "test", val_data, "--val-data")
+    images = load_image_set(spec, loaded.data_config, "--val-data").subset(limit)
+    images.check_labels(checks.num_classes(loaded.model), "--val-data")
 
 
 def _listing(out: Path) -> list[str]:

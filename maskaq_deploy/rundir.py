@@ -117,7 +117,6 @@ def locked(run, command: str | None = None) -> Iterator[None]:
 
 
 def _acquire(path: Path, command: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -165,6 +164,7 @@ def writing(out, *, force: bool = False, resume: bool = False, command: str | No
         yield stage
         return
     check_writable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, command):
         _recover(out)
         _prepare(out, stage, force=force, resume=resume)

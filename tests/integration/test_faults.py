@@ -33,7 +33,7 @@ from tests.conftest import TINY_VIT
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_VIT)]
-DFQ_SLOW = "[dfq]\nnum_images = 16\nbatch_size = 4\niterations = 60\nlog_every = 5\n"  # seconds: time to kill it
+DFQ_SLOW = "[dfq]\nnum_images = 8\nbatch_size = 4\niterations = 30\nlog_every = 5\n"  # a second batch to kill
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,22 @@ def enospc_on_save(c: Ctx) -> None:
     c.mp.setattr(ck, "save_file", full)
 
 
+def empty_hub_cache(c: Ctx) -> None:
+    from huggingface_hub import constants
+
+    c.mp.setattr(constants, "HF_HUB_CACHE", str(c.tmp / "hub"))
+
+
+def with_no_calibration(c: Ctx) -> None:
+    """Calibration must not start (the bad validation set is refused first)."""
+    import maskaq_deploy.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration ran before the validation data was checked")
+
+    c.mp.setattr(pipeline, "_run_method", never)
+
+
 def lock_holder(c: Ctx, kill: bool = False) -> None:
     """Another process holds the run's lock (``kill``: it then dies by SIGKILL, leaving its lock file)."""
     code = ("import sys, time; from maskaq_deploy import rundir\n"
@@ -439,6 +455,12 @@ FAULTS = {
     "calibrate-batch-0": Fault(lambda c: calibrate(c, None, "--batch-size", 0), 2, "--batch-size",
                                after=nothing_created),
     "limit-negative": Fault(lambda c: ["verify", c.run, "--limit", -5], 2, "--limit"),
+    "pretrained-offline": Fault(lambda c: ["calibrate", *MODEL, "--pretrained", "--out", c.new], 2,
+                                "cannot load pretrained weights", empty_hub_cache, nothing_created),
+    "build-bad-val-labels-before-work": Fault(
+        lambda c: ["build", *MODEL, "--checkpoint", c.d / "ck.safetensors", "--method", "real", "--calib-data",
+                   c.d / "data.npz", "--val-data", c.d / "labels100.npz", "--force", "--out", c.run], 2,
+        "label(s) outside", with_no_calibration),
     "text-pth": Fault(lambda c: ["calibrate", *MODEL, "--checkpoint", c.d / "text.pth", "--out", c.new], 2,
                       "not a torch or safetensors file", after=nothing_created),
     # killed and interrupted commands

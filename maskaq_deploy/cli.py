@@ -105,10 +105,11 @@ class App(click.Group):
         except click.exceptions.Exit:
             raise
         except click.exceptions.ClickException as e:  # click's own option checks: one line, not the usage text
-            abort(f"{e.format_message()} (see '{ctx.info_name} --help')".replace("\n", " "), EXIT_USAGE)
+            where = (getattr(e, "ctx", None) or ctx).command_path
+            abort(f"{e.format_message()} (see '{where} --help')".replace("\n", " "), EXIT_USAGE)
         except KeyboardInterrupt:
-            abort("interrupted; the previous run is unchanged, and finished calibration work is kept (rerun with "
-                  "--resume to continue it)", EXIT_INTERRUPTED)
+            abort("interrupted; the previous run is unchanged (a calibration's finished batches are kept: rerun "
+                  "it with --resume to continue)", EXIT_INTERRUPTED)
         except Exception as e:
             if os.environ.get("MASKAQ_TRACEBACK"):
                 raise

@@ -353,11 +353,13 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     import onnx
 
     from maskaq_deploy import deploy
+    from maskaq_deploy.calib.checkpoint import read_manifest
     from maskaq_deploy.runtimes.bench import benchmark
     from maskaq_deploy.runtimes.ort_backend import OrtBackend
 
     path = Path(artifact)
     if path.is_dir():
+        provenance.check_checkpoint(path, read_manifest(path))
         dyn = path / "model.qdq.dynamic.onnx"
         if not dyn.is_file() or not provenance.belongs(dyn, path):  # bench's own export, redone when stale
             deploy.export_run(path, flavour="onnxruntime", out=dyn, fp_too=False, dynamic_batch=True)

@@ -186,23 +186,21 @@ def _nonempty(folder: Path) -> bool:
 
 def _prepare(out: Path, stage: Path, *, force: bool, resume: bool) -> None:
     """Check the rules and leave an empty (or resumable) stage; raises UsageError before anything is written."""
-    if stage.exists():
+    if stage.exists() and not (resume or force):
+        raise OutputExistsError(f"an interrupted run of {out} is waiting in {stage}; pass --resume to continue it, "
+                                "or --force to discard it and start over")
+    if _nonempty(out) and not is_run(out):
         if resume:
-            return
-        if not force:
-            raise OutputExistsError(f"an interrupted run of {out} is waiting in {stage}; pass --resume to continue "
-                                    "it, or --force to discard it and start over")
-    elif resume and _nonempty(out) and not is_run(out):
-        raise UsageError(f"--resume: {out} is not a run of maskaq-deploy (no {MANIFEST_FILE}); give the --out of "
-                         "the run to continue")
-    elif not resume and _nonempty(out):
-        if not is_run(out):
-            raise OutputExistsError(f"--out {out} holds files that are not a maskaq-deploy run (no {MANIFEST_FILE})"
-                                    f"{'; --force replaces only runs' if force else ''}; choose another --out or "
-                                    "empty it")
-        if not force:
-            raise OutputExistsError(f"--out {out} holds a run; pass --force to replace it (it is kept until the new "
-                                    "run succeeds), --resume to continue it, or choose another --out")
+            raise UsageError(f"--resume: {out} is not a run of maskaq-deploy (no {MANIFEST_FILE}); give the --out "
+                             "of the run to continue")
+        raise OutputExistsError(f"--out {out} holds files that are not a maskaq-deploy run (no {MANIFEST_FILE})"
+                                f"{'; --force replaces only runs' if force else ''}; choose another --out or "
+                                "empty it")
+    if _nonempty(out) and not (force or resume):
+        raise OutputExistsError(f"--out {out} holds a run; pass --force to replace it (it is kept until the new "
+                                "run succeeds), --resume to continue it, or choose another --out")
+    if stage.exists() and resume:
+        return  # continue the interrupted run where it stopped
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     if resume and (out / "dfq").is_dir():  # continue the finished batches of the run in ``out``

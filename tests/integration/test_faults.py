@@ -132,6 +132,12 @@ def busy_intact(c: Ctx) -> None:
     run_intact(c)
 
 
+def busy_intact_stage_kept(c: Ctx) -> None:
+    assert snapshot(c.busy) == {"notes.txt": b"mine", "dfq/keep.bin": b"x"}
+    assert rundir.holds_work(rundir.staging_path(c.busy))
+    run_intact(c)
+
+
 def run_replaced_and_valid(c: Ctx) -> None:
     manifest = json.loads((c.run / "manifest.json").read_text())
     assert snapshot(c.run) != c.before and manifest["schema_version"] == 1
@@ -196,9 +202,9 @@ def no_input_onnx(c: Ctx) -> None:
     onnx.save(helper.make_model(helper.make_graph([const], "g", [], [out])), str(c.tmp / "noinput.onnx"))
 
 
-def waiting_stage(c: Ctx) -> None:
+def waiting_stage(c: Ctx, run: Path | None = None) -> None:
     """What a killed calibration of ``run`` leaves: its stage, with synthetic batches."""
-    stage = rundir.staging_path(c.run)
+    stage = rundir.staging_path(run or c.run)
     (stage / "dfq" / "round000").mkdir(parents=True)
     (stage / "dfq" / "run.json").write_text(json.dumps({"fingerprint": {}}))
     (stage / "dfq" / "round000" / "batch00000.safetensors").write_bytes(b"x")
@@ -340,6 +346,10 @@ FAULTS = {
                                       with_busy, busy_intact),
     "resume-into-a-non-run": Fault(lambda c: calibrate(c, c.busy, "--resume"), 2, "not a run of maskaq-deploy",
                                    with_busy, busy_intact),
+    "force-with-waiting-stage-on-unrelated-files": Fault(lambda c: calibrate(c, c.busy, "--force"), 2,
+                                                         "not a maskaq-deploy run",
+                                                         lambda c: (with_busy(c), waiting_stage(c, c.busy)),
+                                                         busy_intact_stage_kept),
     "run-without-force": Fault(lambda c: calibrate(c, c.run), 2, "pass --force"),
     "killed-run-waiting-advises-resume": Fault(lambda c: calibrate(c, c.run), 2, "pass --resume",
                                                waiting_stage, run_unchanged),

@@ -30,9 +30,8 @@ def _typed_errors():
     """(exception classes, exit code) pairs, most specific first."""
     from maskaq_deploy.calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
     from maskaq_deploy.errors import MaskAQError
-    from maskaq_deploy.runtimes.errors import BackendError
-
     from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
+    from maskaq_deploy.runtimes.errors import BackendError
 
     pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
              (DFQConfigError, EXIT_USAGE), (ResumeError, EXIT_USAGE),

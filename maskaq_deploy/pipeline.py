@@ -76,17 +76,17 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     from maskaq_deploy.calib.dfq import distributed
 
     dist = distributed.setup(cfg.device)
+    inputs = _inputs(model_cfg, cfg)  # every input is checked before the output folder is touched
     with contextlib.ExitStack() as stack:  # rank 0 writes a stage that replaces ``out`` only on success
         stage = dist.on_main(lambda: stack.enter_context(rundir.writing(out, force=force, resume=resume)),
                              "preparing the output directory")
-        manifest = _calibrate(model_cfg, cfg, Path(stage), dist, progress=progress, resume=resume)
+        manifest = _calibrate(model_cfg, cfg, inputs, Path(stage), dist, progress=progress, resume=resume)
     distributed.teardown()
     return manifest
 
 
-def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, dist, *, progress, resume: bool) -> dict:
-    from maskaq_deploy.calib import save_quantized_checkpoint
-
+def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig) -> tuple:
+    """(loaded model, Q, recipe, attach info, real images or None, seconds) of a calibration, all checked."""
     checks.device_available(cfg.device)
     torch.manual_seed(cfg.seed)
     seconds = {}
@@ -102,6 +102,14 @@ def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, dist, *,
             raise DataError(f"--calib-data {spec} holds no images")
         real.check_labels(checks.num_classes(loaded.model), "--calib-data")
     seconds["load"] = round(time.perf_counter() - t0, 3)
+    return loaded, qmodel, recipe, info, real, seconds
+
+
+def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: tuple, out: Path, dist, *, progress,
+               resume: bool) -> dict:
+    from maskaq_deploy.calib import save_quantized_checkpoint
+
+    loaded, qmodel, recipe, info, real, seconds = inputs
     t0 = time.perf_counter()
     summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
                           progress=progress, dist=dist)

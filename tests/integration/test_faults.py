@@ -350,6 +350,8 @@ FAULTS = {
                                                          "not a maskaq-deploy run",
                                                          lambda c: (with_busy(c), waiting_stage(c, c.busy)),
                                                          busy_intact_stage_kept),
+    "swap-cut-between-renames": Fault(lambda c: calibrate(c, c.run), 2, "pass --force",
+                                      lambda c: os.rename(c.run, rundir.replaced_path(c.run))),
     "run-without-force": Fault(lambda c: calibrate(c, c.run), 2, "pass --force"),
     "killed-run-waiting-advises-resume": Fault(lambda c: calibrate(c, c.run), 2, "pass --resume",
                                                waiting_stage, run_unchanged),

@@ -36,17 +36,17 @@ _open_stages: set[Path] = set()
 
 
 def lock_path(run) -> Path:
-    run = Path(run)
+    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
     return run.parent / f".{run.name}.lock"
 
 
 def staging_path(run) -> Path:
-    run = Path(run)
+    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
     return run.parent / f".{run.name}.partial"
 
 
 def replaced_path(run) -> Path:
-    run = Path(run)
+    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
     return run.parent / f".{run.name}.replaced"
 
 

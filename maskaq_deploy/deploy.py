@@ -116,6 +116,8 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
         from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
 
         path = Path(artifact) if artifact else run_dir / ENGINE
+        if path.is_file():  # a missing engine is the backend's one-line error
+            provenance.check_artifact(path, run_dir, manifest)
         backend = TensorRTBackend(path)
         info = {"artifact": path.name}
     else:
@@ -147,7 +149,9 @@ def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: i
     from maskaq_deploy.export.tensorrt import EngineUnavailable, build_engine
 
     try:
-        return build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,
-                            timing_cache=timing_cache), None
+        info = build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,
+                            timing_cache=timing_cache)
     except EngineUnavailable as e:
         return None, str(e).splitlines()[0]
+    provenance.record_engine(info.path, qdq_path)
+    return info, None

@@ -1,6 +1,7 @@
 """Do the files of a run belong together? The quantized checkpoint against the sha256 its manifest recorded,
 the full-precision weights against the hash calibration saw, an exported graph against the checkpoint it was
-exported from (its ``maskaq.checkpoint`` metadata).
+exported from (its ``maskaq.checkpoint`` metadata), a TensorRT engine against the record written beside it when
+it was built (``model.engine.provenance.json``: the metadata of the graph it was built from).
 
 A mismatch is a ProvenanceError: one line naming the stale file and the command that rebuilds it.
 """
@@ -12,7 +13,8 @@ import json
 import shlex
 from pathlib import Path
 
-from maskaq_deploy.calib.checkpoint import MANIFEST_FILE, checkpoint_files, file_sha256, read_manifest
+from maskaq_deploy.calib.checkpoint import (MANIFEST_FILE, atomic_write_json, checkpoint_files, file_sha256,
+                                            read_manifest)
 from maskaq_deploy.errors import ProvenanceError, UsageError
 
 CHECKPOINT_KEY = "maskaq.checkpoint"  # ONNX metadata: digest of the checkpoint files the graph was exported from
@@ -83,18 +85,37 @@ def check_artifact(path, run_dir, manifest: dict) -> None:
     if not path.is_file():
         raise UsageError(f"--artifact {path} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
-    if path.suffix != ".onnx":
-        return  # a TensorRT engine carries no metadata of ours; its bundle does
-    meta = onnx_metadata(path)
+    meta = onnx_metadata(path) if path.suffix == ".onnx" else _read_record(path)
     want = checkpoint_digest(run_dir, manifest)
     if meta.get(CHECKPOINT_KEY) != want:
         why = ("carries no record of the checkpoint it came from" if CHECKPOINT_KEY not in meta
-               else "was exported from another checkpoint")
-        fix = shlex.join(["maskaq-deploy", "export", str(run_dir)]
-                         + ([] if path == Path(run_dir) / path.name else ["--out", str(path)]))
+               else "comes from another checkpoint")
+        fix = (shlex.join(["maskaq-deploy", "export", str(run_dir)]
+                          + ([] if path == Path(run_dir) / path.name else ["--out", str(path)]))
+               if path.suffix == ".onnx" else f"rebuild it with {Path(run_dir) / 'bundle' / 'build_engine.sh'}")
         raise ProvenanceError(f"{path} does not belong to {run_dir}: it {why} (graph recipe "
                               f"{meta.get('maskaq.recipe', '?')}, run recipe {manifest['recipe']['name']}); "
                               f"re-export it: {fix}")
+
+
+def engine_record_path(engine) -> Path:
+    """Where an engine's provenance is kept: a TensorRT engine holds no metadata of ours."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".provenance.json")
+
+
+def record_engine(engine, qdq_path) -> None:
+    """Note beside ``engine`` which checkpoint the graph it was built from came from."""
+    meta = onnx_metadata(qdq_path)
+    atomic_write_json(engine_record_path(engine), {k: v for k, v in meta.items() if k.startswith("maskaq.")})
+
+
+def _read_record(engine: Path) -> dict:
+    try:
+        record = json.loads(engine_record_path(engine).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def onnx_metadata(path) -> dict:

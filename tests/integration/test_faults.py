@@ -193,6 +193,21 @@ def other_runs_graph(c: Ctx) -> None:
     c.before = snapshot(c.run)
 
 
+def bare_engine(c: Ctx) -> None:
+    (c.run / "model.engine").write_bytes(b"engine")  # an engine nobody recorded the origin of
+    c.before = snapshot(c.run)
+
+
+def engine_of_other_run(c: Ctx) -> None:
+    """A TensorRT engine (its bytes do not matter: it is refused before it is loaded) recorded as built from the
+    other run's graph."""
+    from maskaq_deploy.provenance import record_engine
+
+    (c.run / "model.engine").write_bytes(b"engine")
+    record_engine(c.run / "model.engine", c.d / "other" / "model.qdq.onnx")
+    c.before = snapshot(c.run)
+
+
 def no_input_onnx(c: Ctx) -> None:
     import onnx
     from onnx import TensorProto, helper
@@ -379,7 +394,11 @@ FAULTS = {
                                                     c.d / "data.npz"], 2, "maskaq-deploy export", other_runs_graph),
     "artifact-of-another-run": Fault(lambda c: ["verify", c.run, "--runtime", "onnxruntime", "--val-data",
                                                 c.d / "data.npz", "--artifact", c.d / "other" / "model.qdq.onnx"],
-                                     2, "was exported from another checkpoint"),
+                                     2, "comes from another checkpoint"),
+    "engine-of-another-checkpoint": Fault(lambda c: ["verify", c.run, "--runtime", "tensorrt", "--val-data",
+                                                     c.d / "data.npz"], 2, "build_engine.sh", engine_of_other_run),
+    "engine-without-record": Fault(lambda c: ["verify", c.run, "--runtime", "tensorrt", "--val-data",
+                                              c.d / "data.npz"], 2, "carries no record", bare_engine),
     "artifact-missing": Fault(lambda c: ["verify", c.run, "--runtime", "onnxruntime", "--artifact",
                                          c.tmp / "nonexist.onnx"], 2, "does not exist"),
     "fp-checkpoint-replaced": Fault(lambda c: ["verify", c.run, "--val-data", c.d / "data.npz"], 2,
@@ -593,3 +612,14 @@ def test_non_finite_logits_name_the_layer(tiny_vit):
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(NonFiniteError, match=r"first non-finite output: blocks\.1\.mlp\.fc2"):
         finite_outputs(tiny_vit, x, tiny_vit(x), "the quantized model")
+
+
+def test_an_engine_built_from_the_runs_own_graph_belongs(base, tmp_path):
+    from maskaq_deploy.calib.checkpoint import read_manifest
+    from maskaq_deploy.provenance import check_artifact, record_engine
+
+    run = tmp_path / "run"
+    shutil.copytree(base / "good", run)
+    (run / "model.engine").write_bytes(b"engine")
+    record_engine(run / "model.engine", run / "model.qdq.onnx")
+    check_artifact(run / "model.engine", run, read_manifest(run))  # no error: same checkpoint

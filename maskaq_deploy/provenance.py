@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from maskaq_deploy.calib.checkpoint import (MANIFEST_FILE, atomic_write_json, ch
                                             read_manifest)
 from maskaq_deploy.errors import ProvenanceError, UsageError
 
+log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "maskaq.checkpoint"  # ONNX metadata: digest of the checkpoint files the graph was exported from
 
 
@@ -86,6 +88,9 @@ def check_artifact(path, run_dir, manifest: dict) -> None:
         raise UsageError(f"--artifact {path} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
     meta = onnx_metadata(path) if path.suffix == ".onnx" else _read_record(path)
+    if path.suffix != ".onnx" and not meta:  # e.g. built on the device by the bundle's trtexec script
+        log.warning("%s has no record of the graph it was built from; assuming it belongs to %s", path, run_dir)
+        return
     want = checkpoint_digest(run_dir, manifest)
     if meta.get(CHECKPOINT_KEY) != want:
         why = ("carries no record of the checkpoint it came from" if CHECKPOINT_KEY not in meta

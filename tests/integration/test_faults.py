@@ -193,11 +193,6 @@ def other_runs_graph(c: Ctx) -> None:
     c.before = snapshot(c.run)
 
 
-def bare_engine(c: Ctx) -> None:
-    (c.run / "model.engine").write_bytes(b"engine")  # an engine nobody recorded the origin of
-    c.before = snapshot(c.run)
-
-
 def engine_of_other_run(c: Ctx) -> None:
     """A TensorRT engine (its bytes do not matter: it is refused before it is loaded) recorded as built from the
     other run's graph."""
@@ -397,8 +392,6 @@ FAULTS = {
                                      2, "comes from another checkpoint"),
     "engine-of-another-checkpoint": Fault(lambda c: ["verify", c.run, "--runtime", "tensorrt", "--val-data",
                                                      c.d / "data.npz"], 2, "build_engine.sh", engine_of_other_run),
-    "engine-without-record": Fault(lambda c: ["verify", c.run, "--runtime", "tensorrt", "--val-data",
-                                              c.d / "data.npz"], 2, "carries no record", bare_engine),
     "artifact-missing": Fault(lambda c: ["verify", c.run, "--runtime", "onnxruntime", "--artifact",
                                          c.tmp / "nonexist.onnx"], 2, "does not exist"),
     "fp-checkpoint-replaced": Fault(lambda c: ["verify", c.run, "--val-data", c.d / "data.npz"], 2,

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from maskaq_deploy.calib.recipes import RECIPES, Recipe
 from maskaq_deploy.export.errors import TargetError
+from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
 
-TARGETS = ("tensorrt", "onnxruntime")
+TARGETS = (TENSORRT, ONNXRUNTIME)
 
 
 class RecipeTargetError(TargetError):
@@ -54,7 +55,7 @@ def recipe_problem(recipe: Recipe, target: str) -> str | None:
     """Why ``target`` cannot execute ``recipe``, or None when it can."""
     if target not in TARGETS:
         raise RecipeTargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "tensorrt":
+    if target == TENSORRT:
         return _tensorrt_problem(recipe)
     return None  # onnxruntime runs every grid, sub-8-bit ones as QDQ simulation
 

@@ -98,9 +98,19 @@ def first_nonfinite_layer(model: nn.Module, x: torch.Tensor) -> str | None:
     return found[0] if found else None
 
 
-def finite_array(values, what: str) -> None:
-    """Refuse non-finite logits of an exported artifact (a stage failure)."""
-    t = torch.as_tensor(values)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"{what} produced {int((~torch.isfinite(t)).sum())} NaN or infinite logit(s); "
-                             "re-export it ('maskaq-deploy export RUN') or check the runtime")
+def finite_logits(logits: torch.Tensor, what: str, model: nn.Module | None = None, images=None) -> None:
+    """Refuse non-finite logits (a stage failure). With the torch ``model`` and the ImageSet ``images`` they came
+    from, the error names the first layer whose output went non-finite on the first bad image."""
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return
+    layer = None
+    if model is not None and images is not None:
+        index = int(bad.any(1).nonzero()[0])
+        for i, (x, _) in enumerate(images.batches(1)):
+            if i == index:
+                layer = first_nonfinite_layer(model, x)
+                break
+    raise NonFiniteError(f"{what} produced {int(bad.sum())} NaN or infinite logit(s)"
+                         + (f"; first non-finite output: {layer}" if layer else "")
+                         + "; recalibrate or re-export it, or keep that layer in float with --keep-fp")

@@ -20,6 +20,7 @@ import click
 
 from maskaq_deploy import rundir
 from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
 
 log = logging.getLogger("maskaq_deploy")
 POSITIVE = click.IntRange(min=1)
@@ -208,15 +209,11 @@ def _command_line() -> str:
     return shlex.join(["maskaq-deploy", *sys.argv[1:]])
 
 
-def _finish(run, report: dict, limits, shown=None) -> int:
-    """Gate + report.json/md/html; prints the gate's lines; returns the exit code (4 on a breach). ``shown``: the
-    folder to name in the output when ``run`` is the stage that will replace it."""
+def _finish(done, limits) -> int:
+    """Prints where the reports are and the gate's lines; returns the exit code (4 on a breach)."""
     from maskaq_deploy.errors import EXIT_GATE, EXIT_OK
-    from maskaq_deploy.report import finish_report
 
-    done = finish_report(run, report, limits=limits, command=_command_line())
-    shown = Path(shown) if shown is not None else Path(run)
-    click.echo(f"reports: {shown / done.md_path.name}, {shown / done.html_path.name}")
+    click.echo(f"reports: {done.md_path}, {done.html_path}")
     if limits is not None and limits.active:
         for line in done.gate.lines():
             click.echo(line, err=not done.gate.passed)
@@ -274,12 +271,10 @@ class _ProgressView:
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
-    def __call__(self, event: dict) -> None:
-        stage = str(event.get("stage", "calibration"))
-        key = event.get("round", stage)
-        losses = " ".join(f"{k} {v:.3g}" for k, v in (event.get("losses") or {}).items()
-                          if isinstance(v, (int, float)))
-        step, total = event.get("step", 0), event.get("total") or 1
+    def __call__(self, event) -> None:  # a records.ProgressEvent
+        stage, key = str(event.stage), event.key
+        losses = " ".join(f"{k} {v:.3g}" for k, v in (event.losses or {}).items() if isinstance(v, (int, float)))
+        step, total = event.step, event.total or 1
         if self.progress is None:
             log.info("%s %s/%s %s", stage, step, total, losses)
             return
@@ -295,10 +290,11 @@ def _setup_logging(quiet: bool = False, verbose: bool = False):
     logging.getLogger("maskaq_deploy").setLevel(level)  # calib, export and runtimes are its subpackages
 
 
-def _print_report(report: dict) -> None:
+def _print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    report = report.to_dict()
     table = Table(title=f"{report['model']} | {report['recipe']} | {report['method']} | "
                         f"{report['num_eval_images']} images")
     for col in ("runtime", "top-1 %", "drop (pts)", "agree vs FP", "agree vs torch", "SQNR vs torch dB"):
@@ -308,7 +304,7 @@ def _print_report(report: dict) -> None:
         table.add_row(name, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
                       f"{100 * r['agreement_vs_fp']:.2f}%",
                       f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
-                      f"{r['sqnr_db_vs_torch']:.1f}" if "sqnr_db_vs_torch" in r else "-")
+                      f"{r['sqnr_db_vs_torch']:.1f}" if r.get("sqnr_db_vs_torch") is not None else "-")
     Console().print(table)
 
 
@@ -339,17 +335,17 @@ def calibrate(out, force, quiet, resume, **kw):
         logging.getLogger("maskaq_deploy").setLevel(logging.WARNING)
     model_cfg, calib_cfg = resolve_configs(kw)
     with _ProgressView(quiet) as view:
-        manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view)
+        manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view).manifest
     if rank == 0:
         where = f" by {world} processes" if world > 1 else ""
-        click.echo(f"quantized checkpoint written to {out}{where} ({manifest['recipe']['name']}, "
-                   f"{manifest['quantized_modules']} quantized modules, method {manifest['method']})")
+        click.echo(f"quantized checkpoint written to {out}{where} ({manifest.recipe_name}, "
+                   f"{manifest.quantized_modules} quantized modules, method {manifest.method})")
 
 
 @cli.command()
 @click.argument("run", type=click.Path(exists=False, file_okay=False))
 @click.option("--val-data", default=None, help="Validation images: .npz or ImageFolder (default: embedded test set).")
-@click.option("--runtime", default="torch", type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+@click.option("--runtime", default=TORCH, type=click.Choice(RUNTIMES),
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
@@ -359,21 +355,21 @@ def calibrate(out, force, quiet, resume, **kw):
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
-    from maskaq_deploy.calib.checkpoint import read_manifest
     from maskaq_deploy.gate import precheck, thresholds
+    from maskaq_deploy.run import Run
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
-    manifest = read_manifest(run)  # the run's model and recipe, for the baseline precheck
-    precheck(limits, model=manifest["model"]["name"], recipe=manifest["recipe"]["name"])
     if artifact is not None and not Path(artifact).is_file():
         raise UsageError(f"--artifact {artifact} does not exist; give an exported .onnx or .engine, or leave it "
                          "out to use the run's own")
+    handle = Run(run, val_data=val_data, limit=limit, batch_size=batch_size)
+    precheck(limits, model=handle.manifest.name, recipe=handle.manifest.recipe_name)
     with _run_lock(run):
-        report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
-        _print_report(report)
-        code = _finish(run, report, limits)
+        done = run_verify(handle, runtime=runtime, artifact=artifact, limits=limits, command=_command_line())
+        _print_report(done.report)
+        code = _finish(done, limits)
     sys.exit(code)
 
 
@@ -381,8 +377,8 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
 @model_options
 @calib_options
 @click.option("--out", default="maskaq-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+@click.option("--target", default=ONNXRUNTIME, show_default=True,
+              type=click.Choice(TARGETS),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
@@ -405,15 +401,15 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     limits = thresholds(max_drop, baseline, max_regression)
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
-    # the whole build, reports included, goes into a stage that replaces OUT only when it is complete; a gate
-    # breach (4) or a missing engine (3) still installs it: the run is whole and its report says why
-    with rundir.writing(out, force=force, resume=resume, command=_command_line(), main=_rank_world()[0] == 0) \
-            as stage, _ProgressView(quiet) as view:
-        result = run_build(model_cfg, calib_cfg, stage, target=target, val_data=val_data, limit=limit,
-                           dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume)
-        _print_report(result.report)
-        code = _finish(stage, result.report, limits, shown=out)
+    # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
+    # rundir); a gate breach (4) or a missing engine (3) still installs it: the run is whole, its report says why
+    with _ProgressView(quiet) as view:
+        result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
+                           dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume,
+                           limits=limits, command=_command_line())
+    _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
+    code = _finish(result.outcome, limits)
     if result.engine_missing_reason:
         click.echo(f"engine not built: {result.engine_missing_reason}", err=True)
         code = code if code != EXIT_OK else EXIT_NO_ENGINE
@@ -422,28 +418,27 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
 @cli.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--for", "flavour", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "tensorrt"]), help="Which runtime the QDQ graph is shaped for.")
+@click.option("--for", "flavour", default=ONNXRUNTIME, show_default=True,
+              type=click.Choice(FLAVOURS), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 21 for INT4 weights).")
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
-    from maskaq_deploy.deploy import conformance, export_run
-
+    from maskaq_deploy.deploy import conformance, export
     from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
+    from maskaq_deploy.run import Run
 
     _setup_logging()
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
     with _run_lock(run):
-        res = export_run(run, flavour=flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch,
-                         opset=opset)
+        res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
         "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
     click.echo(f"wrote {res.qdq_path} ({flavour}, opset {res.opset}; {counts})")
-    if flavour == "tensorrt":
+    if flavour == TENSORRT:
         bad = conformance(res.qdq_path)
         click.echo(f"TensorRT conformance: {len(bad)} violation(s)")
         for v in bad:

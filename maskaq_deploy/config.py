@@ -26,6 +26,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+from maskaq_deploy.calib.dfq.config import METHODS, PRESETS
 from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.checks import DEVICE_PATTERN
 from maskaq_deploy.errors import UsageError
@@ -33,8 +34,6 @@ from maskaq_deploy.errors import UsageError
 
 CONFIG_VERSION = 1
 SEED_LIMIT = 2 ** 63  # seeds are in [0, 2^63): torch and numpy take them
-METHODS = ("maskaq", "psaq", "noise", "real")
-PRESETS = ("fast", "standard", "paper")
 
 
 @dataclass(frozen=True)

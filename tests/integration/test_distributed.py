@@ -297,7 +297,7 @@ def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
     rc, err = _hand_launched_pair(tmp_path, signal.SIGKILL)
     assert rc == 1
     _assert_one_error_line_naming_rank_0(err)
-    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
+    assert not json.loads((staging_path(tmp_path / "run") / "dfq" / "run.json").read_text()).get("completed")
 
 
 @pytest.mark.slow
@@ -308,7 +308,7 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(tmp_path):
     rc, err = _hand_launched_pair(tmp_path, signal.SIGSTOP, {"MASKAQ_DIST_TIMEOUT": "8"})
     assert rc == 1  # without the timeout rank 0 would wait forever, past the guard of _hand_launched_pair
     _assert_one_error_line_naming_rank_0(err)
-    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
+    assert not json.loads((staging_path(tmp_path / "run") / "dfq" / "run.json").read_text()).get("completed")
 
 
 def test_setup_passes_the_timeout(monkeypatch):

@@ -93,7 +93,7 @@ class NoiseSource(Source):
 @register
 class RealSource(Source):
     name = "real"
-    reconstructs = True
+    reconstructs = False  # the reference stays calibration-only (+ fine-tune when asked)
     finetunes = True
     needs_real_images = True
 

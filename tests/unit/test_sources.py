@@ -21,7 +21,7 @@ def test_the_four_built_in_methods_are_registered():
     assert set(SOURCES) == set(METHODS) == {"maskaq", "psaq", "noise", "real"}
 
 
-@pytest.mark.parametrize("method,stages", [("maskaq", (2, 1, 5)), ("real", (2, 0, 5)), ("psaq", (0, 0, 0)),
+@pytest.mark.parametrize("method,stages", [("maskaq", (2, 1, 5)), ("real", (2, 0, 0)), ("psaq", (0, 0, 0)),
                                            ("noise", (0, 0, 0))])
 def test_each_source_switches_off_the_stages_it_does_not_have(method, stages):
     cfg = effective_config(method, ALL_STAGES)

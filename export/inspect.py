@@ -19,7 +19,8 @@ from onnx import TensorProto
 
 from maskaq_deploy.export.errors import NoQDQError
 from maskaq_deploy.export.registry import quantized_op_types
-from maskaq_deploy.export.rules import GraphView, Violation, check_onnxruntime, check_tensorrt, load_model
+from maskaq_deploy.export.graph import GraphView
+from maskaq_deploy.export.rules import Violation, check_onnxruntime, check_tensorrt, load_model
 
 BITS_METADATA_KEY = "maskaq.bits"
 _TYPE_BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4,

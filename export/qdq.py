@@ -38,11 +38,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from torch import nn
 
 from maskaq_deploy.export import int4
 from maskaq_deploy.export.errors import ExportError, TargetError, UnsupportedModelError, UnsupportedOpError
+from maskaq_deploy.export.graph import GraphEdit
 # BITS_METADATA_KEY: JSON {tensor: bit width} of Q/DQ outputs and quantized weights
 from maskaq_deploy.export.inspect import BITS_METADATA_KEY
 from maskaq_deploy.export.onnx_export import (
@@ -58,71 +59,16 @@ from maskaq_deploy.export.onnx_export import (
     set_metadata,
     trace_to_onnx,
 )
-from maskaq_deploy.export.registry import REGISTRY, InputKind, OpRule
-from maskaq_deploy.export.rules import GraphView
+from maskaq_deploy.export.lowering import WeightSite
+from maskaq_deploy.export.qparams import ActParams, WeightParams
+from maskaq_deploy.export.registry import REGISTRY, Flavour, InputKind, OpRule, get_flavour
 
 log = logging.getLogger(__name__)
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 
-@dataclass(frozen=True)
-class Flavour:
-    name: str
-    act_dtype: int  # TensorProto element type of activation Q/DQ
-    simulate_subbyte_acts: bool  # Clip + 8-bit Q/DQ for < 8-bit or asymmetric activation grids
-    int4_lowering: str  # "dq": INT4 block DequantizeLinear; "matmulnbits": com.microsoft MatMulNBits
-    int4_with_act_quant: bool  # INT4 block weights next to quantized activations
-    block_int8: bool  # block-wise DQ of > 4-bit weights
-    int8_lowering: str  # "dq": weight DQ -> MatMul; "matmulintegertofloat": com.microsoft integer kernel
-
-
-FLAVOURS: dict[str, Flavour] = {
-    "tensorrt": Flavour("tensorrt", TensorProto.INT8, False, "dq", False, False, "dq"),
-    "onnxruntime": Flavour("onnxruntime", TensorProto.UINT8, True, "matmulnbits", True, True,
-                           "matmulintegertofloat"),
-}
-
-
-def get_flavour(name: str) -> Flavour:
-    try:
-        return FLAVOURS[name]
-    except KeyError:
-        raise ExportError(f"unknown export flavour {name!r}; choose one of {', '.join(FLAVOURS)}") from None
-
-
 # ---- quantizer parameters, as torch computes them ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ActParams:
-    name: str
-    bits: int
-    symmetric: bool
-    scale: np.float32
-    zero_point: int
-    qmin: int
-    qmax: int
-
-
-@dataclass(frozen=True)
-class WeightParams:
-    name: str
-    bits: int
-    granularity: str  # "channel" | "block"
-    block_size: int
-    codes: np.ndarray = field(repr=False)  # int8, the torch weight's layout
-    scale: np.ndarray = field(repr=False)  # float32, [out] or [out, ceil(in / block_size)]
-
-    def dequantized(self) -> np.ndarray:
-        """codes * scale in float32, the torch layout (bit-identical to the quantizer's output)."""
-        out = self.codes.shape[0]
-        c = self.codes.reshape(out, -1).astype(np.float32)
-        if self.granularity == "channel":
-            return (c * self.scale[:, None]).reshape(self.codes.shape)
-        k = c.shape[1]
-        s = np.repeat(self.scale, self.block_size, axis=1)[:, :k]
-        return (c * s).reshape(self.codes.shape)
-
 
 @torch.no_grad()
 def act_params(name: str, q, sample_numel: int) -> ActParams:
@@ -196,72 +142,6 @@ def collect_quantizers(model: nn.Module) -> dict:
 
 # ---- the graph pass ------------------------------------------------------------------------------------------
 
-class _Graph(GraphView):
-    """The rules' indexes of one graph (initializers, producer, consumers), and the edits the pass
-    accumulates."""
-
-    def __init__(self, proto: onnx.ModelProto):
-        super().__init__(proto)
-        self.model = proto
-        self.g = proto.graph
-        self.outputs = {o.name for o in self.g.output}
-        self.replace: dict[int, list] = {}  # id(node) -> nodes emitted in its place
-        self.new_inits: list = []
-        self.bits: dict[str, int] = {}  # tensor name -> bit width (Q/DQ outputs, quantized initializers)
-        self.act_q: dict[str, tuple] = {}  # activation DQ output -> (Q output, scale, zero point, ActParams)
-        self._names = {n.name for n in self.g.node} | set(self.inits) | set(self.producer)
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
-
-    def const(self, base: str, array: np.ndarray) -> str:
-        name = self.unique(base)
-        self.new_inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def drop(self, node) -> None:
-        self.replace[id(node)] = []
-
-    def emit_before(self, node, nodes) -> None:
-        """Put ``nodes`` before ``node`` (keeping whatever already replaces it)."""
-        current = self.replace.get(id(node))
-        self.replace[id(node)] = list(nodes) + (current if current is not None else [node])
-
-    def substitute(self, node, nodes) -> None:
-        """Replace ``node`` by ``nodes``, keeping anything already emitted before it."""
-        current = [n for n in self.replace.get(id(node), []) if n is not node]
-        self.replace[id(node)] = current + list(nodes)
-
-    def finish(self) -> None:
-        nodes = []
-        for n in self.g.node:
-            nodes.extend(self.replace.get(id(n), [n]))
-        # a fused integer MatMul reads the Q output directly: its activation DQ may now be dead
-        while True:
-            used = {i for n in nodes for i in n.input} | self.outputs
-            live = [n for n in nodes if n.op_type not in ("DequantizeLinear", "QuantizeLinear", "Clip")
-                    or any(o in used for o in n.output)]
-            if len(live) == len(nodes):
-                break
-            nodes = live
-        del self.g.node[:]
-        self.g.node.extend(nodes)
-        self.g.initializer.extend(self.new_inits)
-        used = {i for n in self.g.node for i in n.input} | self.outputs
-        keep = [t for t in self.g.initializer if t.name in used]
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
-        produced = {o for n in self.g.node for o in n.output} | {i.name for i in self.g.input}
-        vi = [v for v in self.g.value_info if v.name in produced]
-        del self.g.value_info[:]
-        self.g.value_info.extend(vi)
-        self.bits = {t: b for t, b in self.bits.items() if t in used or t in produced}
-
-
 def _marker_name(node) -> str:
     for a in node.attribute:
         if a.name == "name":
@@ -269,7 +149,7 @@ def _marker_name(node) -> str:
     raise ExportError(f"marker node {node.name} has no quantizer name")
 
 
-def _final_consumers(G: _Graph, tensor: str):
+def _final_consumers(G: GraphEdit, tensor: str):
     """Consumers of ``tensor``, looking through pure layout ops (per-tensor Q/DQ commutes with them)."""
     out = []
     for node, idx in G.consumers.get(tensor, []):
@@ -290,10 +170,10 @@ def _rule_check(registry, node, idx: int, kind: InputKind, qname: str) -> OpRule
     return rule
 
 
-def _insert_act(G: _Graph, marker, p: ActParams, flavour: Flavour, registry) -> None:
+def _insert_act(G: GraphEdit, marker, p: ActParams, flavour: Flavour, registry) -> None:
     for node, idx in _final_consumers(G, marker.output[0]):
         _rule_check(registry, node, idx, InputKind.ACTIVATION, p.name)
-    if flavour.act_dtype == TensorProto.INT8:
+    if not flavour.unsigned_acts:
         if not p.symmetric or p.bits != 8:
             grid = f"{p.bits}-bit {'symmetric' if p.symmetric else 'asymmetric'}"
             raise TargetError(f"activation quantizer {p.name} is {grid}; flavour {flavour.name} takes only "
@@ -303,7 +183,7 @@ def _insert_act(G: _Graph, marker, p: ActParams, flavour: Flavour, registry) -> 
         # uint8 container: a signed grid moves up by 128 (same values, zero point 128)
         zp_dtype, lo_c, hi_c = np.uint8, 0, 255
         offset = 128 if p.qmin < 0 else 0
-        if not flavour.simulate_subbyte_acts and (p.bits != 8 or not p.symmetric):
+        if not flavour.simulate_grids and (p.bits != 8 or not p.symmetric):
             raise TargetError(f"activation quantizer {p.name}: flavour {flavour.name} cannot hold a "
                               f"{p.bits}-bit grid")
     zp_c = p.zero_point + offset
@@ -333,7 +213,7 @@ def _insert_act(G: _Graph, marker, p: ActParams, flavour: Flavour, registry) -> 
     G.replace[id(marker)] = nodes
 
 
-def _weight_chain(G: _Graph, marker, qname: str):
+def _weight_chain(G: GraphEdit, marker, qname: str):
     """Follow the marker's output through Transposes to the op that uses the weight."""
     chain, cur = [], marker.output[0]
     while True:
@@ -354,26 +234,7 @@ def _perm_of(node) -> list[int]:
     return []
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _weight_is_rhs(node, idx: int, dims: list[int]) -> bool:
-    """True when ``node`` computes A @ W^T with W the torch [out, in] weight (a Linear layer)."""
-    if idx != 1 or dims not in ([1, 0], [0, 1]):
-        return False
-    if node.op_type == "MatMul":
-        return dims == [1, 0]
-    if node.op_type == "Gemm":
-        return (not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0
-                and _attr(node, "beta", 1.0) == 1.0 and dims == ([0, 1] if _attr(node, "transB", 0) else [1, 0]))
-    return False
-
-
-def _insert_weight(G: _Graph, marker, p: WeightParams, flavour: Flavour, registry, opset: int) -> None:
+def _insert_weight(G: GraphEdit, marker, p: WeightParams, flavour: Flavour, registry, opset: int) -> None:
     if marker.input[0] not in G.inits:
         raise ExportError(f"weight quantizer {p.name} does not act on a constant weight; cannot store it quantized")
     if p.granularity == "block" and p.codes.ndim != 2:
@@ -389,127 +250,11 @@ def _insert_weight(G: _Graph, marker, p: WeightParams, flavour: Flavour, registr
             scale = scale.transpose(perm)
         dims = [dims[i] for i in perm]
     act_inputs = [i for i in range(len(node.input)) if i != idx and node.input[i] in G.act_q]
-    weight_only = not act_inputs
     consumed = chain[-1].output[0] if chain else marker.output[0]
     for n in [marker, *chain]:
         G.drop(n)
     G.bits[consumed] = p.bits
-
-    if weight_only and not rule.weight_only_dq:
-        # e.g. a weight-only quantized Conv: keep the op float with the exact fake-quant values
-        node.input[idx] = G.const(f"{p.name}.dequantized", np.transpose(p.dequantized(), dims))
-        return
-
-    if p.granularity == "block" and p.bits <= 4 and rule.int4_weights:
-        if not weight_only and not flavour.int4_with_act_quant:
-            raise TargetError(f"weight quantizer {p.name}: INT4 weights with quantized activations (W4A8) have no "
-                              f"{flavour.name} kernel; use w4a16 or w8a8, or flavour 'onnxruntime'")
-        if flavour.int4_lowering == "matmulnbits" and rule.matmulnbits and weight_only \
-                and _weight_is_rhs(node, idx, dims) and p.block_size >= 16:
-            _lower_matmulnbits(G, node, p)
-            return
-        _check_opset(opset, 21, p.name, "INT4 weights")
-        init = int4.make_int4_initializer(G.unique(f"{p.name}.int4"), codes, signed=True)
-        G.new_inits.append(init)
-        G.bits[init.name] = p.bits
-        _emit_weight_dq(G, node, init.name, scale, consumed, p, block_axis=dims.index(1))
-        return
-    if p.granularity == "block":
-        if not flavour.block_int8:
-            raise TargetError(f"weight quantizer {p.name}: {flavour.name} takes block-wise weights only as INT4 "
-                              f"feeding MatMul/Gemm; use per-channel weights or 4-bit blocks")
-        _check_opset(opset, 21, p.name, "block-wise weights")
-        q_init = G.const(f"{p.name}.int8", codes.astype(np.int8))
-        G.bits[q_init] = p.bits
-        _emit_weight_dq(G, node, q_init, scale, consumed, p, block_axis=dims.index(1))
-        return
-    if flavour.int8_lowering == "matmulintegertofloat" and act_inputs == [0] and _weight_is_rhs(node, idx, dims):
-        _lower_integer_matmul(G, node, p)
-        return
-    q_init = G.const(f"{p.name}.int8", codes.astype(np.int8))
-    G.bits[q_init] = p.bits
-    _emit_weight_dq(G, node, q_init, scale, consumed, p, channel_axis=dims.index(0))
-
-
-def _check_opset(opset: int, need: int, qname: str, what: str) -> None:
-    if opset < need:
-        raise ExportError(f"weight quantizer {qname}: {what} need opset {need} or later, export uses {opset}")
-
-
-def _emit_weight_dq(G: _Graph, node, q_init: str, scale: np.ndarray, out: str, p: WeightParams, *,
-                    channel_axis: int | None = None, block_axis: int | None = None) -> None:
-    s = G.const(f"{p.name}.scale", scale.astype(np.float32))
-    inputs = [q_init, s]
-    if block_axis is not None:
-        attrs = {"axis": block_axis, "block_size": p.block_size}
-    else:
-        attrs = {"axis": channel_axis}
-        inputs.append(G.const(f"{p.name}.zero_point", np.zeros(scale.shape, dtype=np.int8)))
-    dq = helper.make_node("DequantizeLinear", inputs, [out], name=G.unique(f"{p.name}/DequantizeLinear"), **attrs)
-    G.emit_before(node, [dq])
-
-
-def _bias_add(G: _Graph, node, n_out: int):
-    """The Add of a constant [N] bias right after ``node`` (fused into the integer kernel), or None."""
-    out = node.output[0]
-    cons = G.consumers.get(out, [])
-    if node.op_type == "Gemm":
-        return None
-    if len(cons) != 1 or out in G.outputs or cons[0][0].op_type != "Add":
-        return None
-    add, i = cons[0]
-    other = add.input[1 - i]
-    t = G.inits.get(other)
-    if t is None or t.data_type != TensorProto.FLOAT or list(t.dims) != [n_out]:
-        return None
-    return add, other
-
-
-def _lower_integer_matmul(G: _Graph, node, p: WeightParams) -> None:
-    """A @ W^T (+ bias) with a quantized activation A -> com.microsoft MatMulIntegerToFloat.
-
-    onnxruntime's own QDQ fusion would not get here: its MatMulAddFusion first turns MatMul + Add on 3-D
-    inputs into Reshape + float Gemm, which then stays float (measured 4-5x slower on a DeiT-S-sized layer).
-    """
-    a = node.input[0]
-    q, a_scale, a_zp, _ = G.act_q[a]
-    n, k = p.codes.shape
-    w = G.const(f"{p.name}.int8", np.ascontiguousarray(p.codes.T).astype(np.int8))  # [K, N]
-    G.bits[w] = p.bits
-    w_scale = G.const(f"{p.name}.scale", p.scale.astype(np.float32))
-    w_zp = G.const(f"{p.name}.zero_point", np.zeros(n, dtype=np.int8))
-    inputs = [q, w, a_scale, w_scale, a_zp, w_zp]
-    out = node.output[0]
-    if node.op_type == "Gemm":
-        if len(node.input) > 2 and node.input[2]:
-            inputs.append(node.input[2])
-    else:
-        fused = _bias_add(G, node, n)
-        if fused is not None:
-            add, bias = fused
-            inputs.append(bias)
-            out = add.output[0]
-            G.drop(add)
-    new = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=G.unique(f"{p.name}/MatMulIntegerToFloat"),
-                           domain=int4.MS_DOMAIN)
-    G.substitute(node, [new])
-
-
-def _lower_matmulnbits(G: _Graph, node, p: WeightParams) -> None:
-    """MatMul(A, W^T) / Gemm(A, W, C) with INT4 block weights and float A -> MatMulNBits (+ Add)."""
-    a = node.input[0]
-    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-    n, k = p.codes.shape
-    blob, scales = int4.pack_matmulnbits(p.codes, p.scale, p.block_size)
-    b = G.const(f"{p.name}.nbits", blob)
-    G.bits[b] = p.bits
-    s = G.const(f"{p.name}.scale", scales)
-    out = node.output[0] if bias is None else G.unique(f"{p.name}.matmul")
-    new = [int4.make_matmulnbits(G.unique(f"{p.name}/MatMulNBits"), a, b, s, out, k=k, n=n,
-                                 block_size=p.block_size, accuracy_level=0)]
-    if bias is not None:
-        new.append(helper.make_node("Add", [out, bias], [node.output[0]], name=G.unique(f"{node.name}/bias")))
-    G.substitute(node, new)
+    rule.lower_weight(WeightSite(G, node, idx, p, codes, scale, dims, consumed, act_inputs, flavour.name, opset))
 
 
 def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = "onnxruntime", *,
@@ -519,10 +264,10 @@ def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = "o
     ``params``: {quantizer name: ActParams | WeightParams}. Raises UnsupportedOpError when a quantizer feeds an
     op input the registry does not allow, TargetError when the flavour cannot express a quantizer.
     """
-    fl = get_flavour(flavour) if isinstance(flavour, str) else flavour
+    fl = get_flavour(flavour)
     registry = REGISTRY if registry is None else registry
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), INT4_OPSET)
-    G = _Graph(proto)
+    G = GraphEdit(proto)
     markers = [n for n in proto.graph.node if n.op_type == MARKER_OP and n.domain == MARKER_DOMAIN]
     names = [_marker_name(m) for m in markers]
     unknown = sorted(set(names) - set(params))

@@ -34,18 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from maskaq_deploy.export.errors import OnnxFileError
-from maskaq_deploy.export.int4 import int4_initializer_to_array
+from maskaq_deploy.export.graph import INT4_TYPES, QDQ_OPS, GraphView
 from maskaq_deploy.export.registry import int4_consumers, trt_float_only_ops
 
 TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
 TRT_QDQ_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
-INT4_TYPES = {TensorProto.INT4, TensorProto.UINT4}
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 RULES = {
     "trt-zero-point": "Q/DQ zero points must be all zero",
@@ -93,92 +91,6 @@ def load_model(model) -> onnx.ModelProto:
         raise OnnxFileError(f"{path} is not an ONNX model (no IR version, opset or graph); export one with "
                             "'maskaq-deploy export'")
     return proto
-
-
-class GraphView:
-    """Producer / consumer / constant lookups over one graph (main graph only; subgraphs are not walked)."""
-
-    def __init__(self, proto: onnx.ModelProto):
-        self.proto = proto
-        g = proto.graph
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in g.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((n, i))
-        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.value_types = {v.name: v.type.tensor_type.elem_type
-                            for v in list(g.input) + list(g.value_info) + list(g.output)}
-
-    def name(self, node) -> str:
-        return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
-
-    def is_constant(self, tensor: str) -> bool:
-        """An initializer, a Constant's output, or a Q/DQ / Transpose / Reshape of constants."""
-        if tensor in self.inits:
-            return True
-        p = self.producer.get(tensor)
-        if p is None:
-            return False
-        if p.op_type == "Constant":
-            return True
-        if p.op_type in QDQ_OPS + ("Transpose", "Reshape", "Cast", "Identity"):
-            return bool(p.input) and self.is_constant(p.input[0])
-        return False
-
-    def const_array(self, tensor: str):
-        """The value of a constant tensor (initializer or Constant), or None."""
-        t = self.inits.get(tensor)
-        if t is None:
-            p = self.producer.get(tensor)
-            if p is not None and p.op_type == "Constant":
-                for a in p.attribute:
-                    if a.name == "value":
-                        t = a.t
-        if t is None:
-            return None
-        if t.data_type in INT4_TYPES:
-            return int4_initializer_to_array(t)
-        try:
-            return numpy_helper.to_array(t)
-        except Exception:  # exotic types: treat as unknown
-            return None
-
-    def elem_type(self, tensor: str) -> int | None:
-        if tensor in self.inits:
-            return self.inits[tensor].data_type
-        p = self.producer.get(tensor)
-        if p is not None and p.op_type == "Constant":
-            for a in p.attribute:
-                if a.name == "value":
-                    return a.t.data_type
-        return self.value_types.get(tensor) or None
-
-    def qdq_dtype(self, node) -> int | None:
-        """The integer type a Q produces / a DQ consumes."""
-        if node.op_type == "DequantizeLinear":
-            t = self.elem_type(node.input[0])
-            if t:
-                return t
-            p = self.producer.get(node.input[0])
-            if p is not None and p.op_type == "QuantizeLinear":
-                return self.qdq_dtype(p)
-            return self.elem_type(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        for a in node.attribute:
-            if a.name == "output_dtype" and a.i:
-                return a.i
-        if len(node.input) > 2 and node.input[2]:
-            return self.elem_type(node.input[2])
-        return TensorProto.UINT8  # QuantizeLinear's default without a zero point
-
-    def attr(self, node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
 
 
 def _dtype_name(t: int | None) -> str:

@@ -59,7 +59,8 @@ from maskaq_deploy.export.onnx_export import (
     set_metadata,
     trace_to_onnx,
 )
-from maskaq_deploy.export.lowering import WeightSite
+from maskaq_deploy.export.lowering import WeightSite, float8_initializer
+from maskaq_deploy.export.precision import FLOAT_DTYPE_KEY, to_float_dtype
 from maskaq_deploy.export.qparams import ActParams, WeightParams
 from maskaq_deploy.export.registry import REGISTRY, Flavour, InputKind, OpRule, get_flavour
 
@@ -80,9 +81,18 @@ def act_params(name: str, q, sample_numel: int) -> ActParams:
     zp = float(q.zero_point)
     if zp != round(zp):
         raise ExportError(f"activation quantizer {name} has a non-integer zero point {zp}")
-    p = ActParams(name, q.bits, bool(q.symmetric), np.float32(s.item()), int(round(zp)), q.qmin, q.qmax)
+    float8 = bool(getattr(q, "float8", False))
+    p = ActParams(name, q.bits, bool(q.symmetric), np.float32(s.item()), int(round(zp)), q.qmin, q.qmax, float8)
     _check_act(q, p, sample_numel)
     return p
+
+
+def _on_grid(y: torch.Tensor, qmin, qmax, float8: bool) -> torch.Tensor:
+    """Round ``y`` (x / scale + zero point) onto the grid: the nearest integer in [qmin, qmax], or the
+    nearest E4M3 value of y saturated to +-448."""
+    if float8:
+        return torch.clamp(y, qmin, qmax).to(torch.float8_e4m3fn).float()
+    return torch.clamp(torch.round(y), qmin, qmax)
 
 
 def _check_act(q, p: ActParams, sample_numel: int) -> None:
@@ -92,7 +102,7 @@ def _check_act(q, p: ActParams, sample_numel: int) -> None:
     probe = (torch.rand((1, sample_numel), generator=gen) * 1.4 - 0.7) * span
     ref = q(probe.to(q.scale.device)).cpu()
     s = torch.tensor(p.scale)
-    ours = (torch.clamp(torch.round(probe / s) + p.zero_point, p.qmin, p.qmax) - p.zero_point) * s
+    ours = (_on_grid(probe / s + p.zero_point, p.qmin, p.qmax, p.float8) - p.zero_point) * s
     bad = int((ref != ours).sum())
     if bad:
         log.warning("activation quantizer %s: %d of %d probe values differ from torch fake-quant", p.name, bad,
@@ -101,7 +111,7 @@ def _check_act(q, p: ActParams, sample_numel: int) -> None:
 
 @torch.no_grad()
 def weight_params(name: str, q, weight: torch.Tensor) -> WeightParams:
-    """Integer codes and the scale torch's forward pass uses for ``weight``."""
+    """Codes (integer, or E4M3 values) and the scale torch's forward pass uses for ``weight``."""
     if not bool(q.initialized):
         q.init_from(weight)
     w = weight.detach().float().cpu()
@@ -115,12 +125,15 @@ def weight_params(name: str, q, weight: torch.Tensor) -> WeightParams:
         wb = torch.nn.functional.pad(w2, (0, pad)).reshape(out, -1, q.block_size)
     # WeightQuantizer.forward uses the scale viewed [out, groups, 1] as the step
     s = q.scale.detach().float().cpu().reshape(out, -1, 1)
-    codes = torch.clamp(torch.round(wb / s), q.qmin, q.qmax).reshape(out, -1)
+    float8 = bool(getattr(q, "float8", False))
+    codes = _on_grid(wb / s, q.qmin, q.qmax, float8).reshape(out, -1)
     if pad:
         codes = codes[:, :-pad]
-    p = WeightParams(name, q.bits, q.granularity, q.block_size, codes.reshape(w.shape).to(torch.int8).numpy(),
+    codes = codes.reshape(w.shape)
+    p = WeightParams(name, q.bits, q.granularity, q.block_size,
+                     codes.numpy().astype(np.float32) if float8 else codes.to(torch.int8).numpy(),
                      s.reshape(out, -1).squeeze(1).numpy().astype(np.float32)
-                     if q.granularity == "channel" else s.reshape(out, -1).numpy().astype(np.float32))
+                     if q.granularity == "channel" else s.reshape(out, -1).numpy().astype(np.float32), float8)
     ref = q(weight.detach()).float().cpu().numpy()
     bad = int((ref != p.dequantized()).sum())
     if bad:
@@ -173,6 +186,11 @@ def _rule_check(registry, node, idx: int, kind: InputKind, qname: str) -> OpRule
 def _insert_act(G: GraphEdit, marker, p: ActParams, flavour: Flavour, registry) -> None:
     for node, idx in _final_consumers(G, marker.output[0]):
         _rule_check(registry, node, idx, InputKind.ACTIVATION, p.name)
+    if p.float8:  # E4M3 in both flavours: symmetric, zero point 0, no container offset
+        zp = G.unique(f"{p.name}.zero_point")
+        G.new_inits.append(float8_initializer(zp, np.zeros((), np.float32)))
+        _emit_act_qdq(G, marker, p, [], marker.input[0], zp)
+        return
     if not flavour.unsigned_acts:
         if not p.symmetric or p.bits != 8:
             grid = f"{p.bits}-bit {'symmetric' if p.symmetric else 'asymmetric'}"
@@ -202,8 +220,12 @@ def _insert_act(G: GraphEdit, marker, p: ActParams, flavour: Flavour, registry) 
                                                G.const(f"{p.name}.clip_max", hi)],
                                       [clipped], name=G.unique(f"{p.name}/Clip")))
         x = clipped
+    _emit_act_qdq(G, marker, p, nodes, x, G.const(f"{p.name}.zero_point", np.array(zp_c, dtype=zp_dtype)))
+
+
+def _emit_act_qdq(G: GraphEdit, marker, p: ActParams, nodes: list, x: str, zp: str) -> None:
+    """Replace ``marker`` by ``nodes`` then Q -> DQ of ``x`` with zero point ``zp``."""
     s = G.const(f"{p.name}.scale", np.float32(p.scale))
-    zp = G.const(f"{p.name}.zero_point", np.array(zp_c, dtype=zp_dtype))
     q = G.unique(f"{p.name}.q")
     nodes += [helper.make_node("QuantizeLinear", [x, s, zp], [q], name=G.unique(f"{p.name}/QuantizeLinear")),
               helper.make_node("DequantizeLinear", [q, s, zp], [marker.output[0]],
@@ -309,6 +331,7 @@ class QDQExport:
     input_shape: tuple[int, int, int]
     num_quantizers: int
     op_counts: dict = field(default_factory=dict)
+    float_dtype: str = "fp32"
 
 
 def needs_int4_opset(model: nn.Module) -> bool:
@@ -324,11 +347,18 @@ class MarkedGraph:
     proto: onnx.ModelProto
     params: dict  # quantizer name -> ActParams | WeightParams
     options: ExportOptions
+    attention_qdq: bool = True  # the attention matmuls carry Q/DQ
 
-    def to_qdq(self, flavour: str = "onnxruntime", *, registry: dict[str, OpRule] | None = None) -> onnx.ModelProto:
+    def to_qdq(self, flavour: str = "onnxruntime", *, registry: dict[str, OpRule] | None = None,
+               float_dtype: str | None = None) -> onnx.ModelProto:
+        """The QDQ graph for ``flavour``; ``float_dtype`` (None: the flavour's default, fp16 for tensorrt)
+        is the dtype everything unquantized computes in."""
+        dtype = get_flavour(flavour).float_dtype(float_dtype)
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
         insert_qdq(proto, self.params, flavour, registry=registry)
+        to_float_dtype(proto, dtype)
+        set_metadata(proto, {FLOAT_DTYPE_KEY: dtype})
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as e:
@@ -336,21 +366,46 @@ class MarkedGraph:
         return proto
 
 
-def trace_quantized(model: nn.Module, options: ExportOptions) -> MarkedGraph:
-    """Trace a calibrated quantized model with markers and read its quantizers' parameters."""
+def _attention_quantizers(model: nn.Module, quantizers: dict) -> dict:
+    """The quantizers on the inputs of the attention matmuls (q @ k^T, attn @ v)."""
+    from maskaq_deploy.calib.qmodules import QuantMatMul
+
+    return {n: q for n, q in quantizers.items() if isinstance(model.get_submodule(n.rpartition(".")[0]), QuantMatMul)}
+
+
+def trace_quantized(model: nn.Module, options: ExportOptions, *, attention_qdq: bool | None = None) -> MarkedGraph:
+    """Trace a calibrated quantized model with markers and read its quantizers' parameters.
+
+    ``attention_qdq``: None exports the attention matmuls as calibrated; False leaves them without Q/DQ (they
+    then compute in the graph's float dtype; on some TensorRT versions INT8 attention does not fuse and is
+    slower than FP16); True insists on Q/DQ there and refuses a checkpoint calibrated without it.
+    """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
     from maskaq_deploy.calib.quantizers import WeightQuantizer
 
     quantizers = collect_quantizers(model)
+    attention = _attention_quantizers(model, quantizers)
+    if attention_qdq and not attention:
+        raise ExportError("this checkpoint was calibrated without attention-matmul quantizers, so there is no "
+                          "scale to export; recalibrate with --attention-qdq on, or export with --attention-qdq off")
+    if attention_qdq is False:
+        quantizers = {n: q for n, q in quantizers.items() if n not in attention}
     params = {}
     for name, q in quantizers.items():
         if isinstance(q, WeightQuantizer):
             owner = model.get_submodule(name.rpartition(".")[0])
             params[name] = weight_params(name, q, owner.weight)
-    with markers_in_place_of_quantizers(model, list(quantizers)) as markers:
-        proto = trace_to_onnx(model, options, with_markers=True)
-        numels = {n: m.sample_numel for n, m in markers.items()}
+    dropped = attention if attention_qdq is False else {}
+    for q in dropped.values():
+        q.enabled = False
+    try:
+        with markers_in_place_of_quantizers(model, list(quantizers)) as markers:
+            proto = trace_to_onnx(model, options, with_markers=True)
+            numels = {n: m.sample_numel for n, m in markers.items()}
+    finally:
+        for q in dropped.values():
+            q.enabled = True
     for name, q in quantizers.items():
         if name in params:
             continue
@@ -358,14 +413,14 @@ def trace_quantized(model: nn.Module, options: ExportOptions) -> MarkedGraph:
             raise ExportError(f"activation quantizer {name} never ran in the forward pass; disable it or keep "
                               "its module float")
         params[name] = act_params(name, q, numels[name])
-    return MarkedGraph(proto, params, options)
+    return MarkedGraph(proto, params, options, attention_qdq=bool(attention) and attention_qdq is not False)
 
 
 def build_qdq_model(model: nn.Module, options: ExportOptions, flavour: str = "onnxruntime", *,
-                    registry: dict[str, OpRule] | None = None) -> onnx.ModelProto:
+                    registry: dict[str, OpRule] | None = None, float_dtype: str | None = None) -> onnx.ModelProto:
     """The QDQ ModelProto of a calibrated quantized model (nothing written). ``options.opset`` must be set."""
-    get_flavour(flavour)  # fail before the (slow) trace
-    return trace_quantized(model, options).to_qdq(flavour, registry=registry)
+    get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
+    return trace_quantized(model, options).to_qdq(flavour, registry=registry, float_dtype=float_dtype)
 
 
 def default_options(model: nn.Module, *, input_shape=None, batch_size: int = 1, dynamic_batch: bool = False,
@@ -379,29 +434,36 @@ def default_options(model: nn.Module, *, input_shape=None, batch_size: int = 1, 
 
 
 def write_qdq(marked: MarkedGraph, path, flavour: str = "onnxruntime", *, registry: dict[str, OpRule] | None = None,
-              metadata: dict | None = None) -> QDQExport:
+              metadata: dict | None = None, float_dtype: str | None = None) -> QDQExport:
     """Write the ``flavour`` QDQ graph of an already traced model (trace once, write both flavours)."""
-    proto = marked.to_qdq(flavour, registry=registry)
+    proto = marked.to_qdq(flavour, registry=registry, float_dtype=float_dtype)
     o = marked.options
-    meta = {"maskaq.kind": "qdq", "maskaq.input_size": ",".join(map(str, o.input_shape))}
+    meta = {"maskaq.kind": "qdq", "maskaq.input_size": ",".join(map(str, o.input_shape)),
+            "maskaq.attention_qdq": "on" if marked.attention_qdq else "off"}
     meta.update({k if str(k).startswith("maskaq.") else f"maskaq.{k}": v for k, v in (metadata or {}).items()})
     set_metadata(proto, meta)
     out = save_onnx(proto, path)
     counts = dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
     log.info("wrote %s (%s flavour, %d quantizers)", out, flavour, len(marked.params))
-    return QDQExport(out, flavour, o.opset, o.dynamic_batch, o.batch_size, o.input_shape, len(marked.params), counts)
+    dtype = get_flavour(flavour).float_dtype(float_dtype)
+    return QDQExport(out, flavour, o.opset, o.dynamic_batch, o.batch_size, o.input_shape, len(marked.params), counts,
+                     dtype)
 
 
 def export_qdq_onnx(model: nn.Module, path, *, flavour: str = "onnxruntime", input_shape=None,
                     batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
-                    registry: dict[str, OpRule] | None = None, metadata: dict | None = None) -> QDQExport:
+                    registry: dict[str, OpRule] | None = None, metadata: dict | None = None,
+                    float_dtype: str | None = None, attention_qdq: bool | None = None) -> QDQExport:
     """Export a calibrated quantized model as a QDQ ONNX file for ``flavour`` ("tensorrt" | "onnxruntime").
 
     ``input_shape`` (C, H, W) defaults to the model's; the batch is fixed to ``batch_size`` unless
     ``dynamic_batch``. ``metadata`` goes into the model's metadata_props (e.g. the recipe name). ``opset``
-    None: 20, or 21 when the model has block-wise (INT4) weights.
+    None: 20, or 21 when the model has block-wise (INT4) weights. ``float_dtype``: what the unquantized ops
+    compute in, "fp16" (the tensorrt default), "bf16" or "fp32" (onnxruntime: fp32 only); I/O stay float32.
+    ``attention_qdq``: see ``trace_quantized``.
     """
-    get_flavour(flavour)  # fail before the (slow) trace
+    get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
     options = default_options(model, input_shape=input_shape, batch_size=batch_size, dynamic_batch=dynamic_batch,
                               opset=opset)
-    return write_qdq(trace_quantized(model, options), path, flavour, registry=registry, metadata=metadata)
+    marked = trace_quantized(model, options, attention_qdq=attention_qdq)
+    return write_qdq(marked, path, flavour, registry=registry, metadata=metadata, float_dtype=float_dtype)

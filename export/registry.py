@@ -35,18 +35,31 @@ class Flavour:
     ``unsigned_acts``: activations in a uint8 container (a signed grid moves up by 128, zero point 128), which
     onnxruntime's integer kernels need; otherwise int8 with zero point 0, as TensorRT requires.
     ``simulate_grids``: sub-8-bit or asymmetric activation grids become a Clip + 8-bit Q/DQ; otherwise they are
-    a TargetError. ``half_float``: the unquantized ops may compute in fp16/bf16 (``--float-dtype``).
+    a TargetError. ``float_dtypes``: the dtypes the unquantized ops may compute in (``--float-dtype``), the
+    default first (export/precision.py).
     """
 
     name: str
     unsigned_acts: bool
     simulate_grids: bool
-    half_float: bool
+    float_dtypes: tuple[str, ...]
+
+    def float_dtype(self, requested: str | None) -> str:
+        """``requested`` (None: the default) if this flavour computes in it; ExportError otherwise."""
+        if requested is None:
+            return self.float_dtypes[0]
+        if requested not in self.float_dtypes:
+            raise ExportError(f"flavour {self.name} computes in {' or '.join(self.float_dtypes)}, not "
+                              f"{requested!r}" + ("; half precision is for --for tensorrt"
+                                                  if self.float_dtypes == ("fp32",) else ""))
+        return requested
 
 
 FLAVOURS: dict[str, Flavour] = {
-    TENSORRT: Flavour(TENSORRT, unsigned_acts=False, simulate_grids=False, half_float=True),
-    ONNXRUNTIME: Flavour(ONNXRUNTIME, unsigned_acts=True, simulate_grids=True, half_float=False),
+    # TensorRT builds strongly typed networks: a float32 tensor would run in FP32 there, so fp16 by default
+    TENSORRT: Flavour(TENSORRT, unsigned_acts=False, simulate_grids=False, float_dtypes=("fp16", "bf16", "fp32")),
+    # onnxruntime's CPU kernels compute in float32 (fp16 ops would be cast back and forth)
+    ONNXRUNTIME: Flavour(ONNXRUNTIME, unsigned_acts=True, simulate_grids=True, float_dtypes=("fp32",)),
 }
 
 

@@ -15,6 +15,15 @@
     trt-fused-attention  a fused Attention / MultiHeadAttention op (no Q/DQ can be placed inside it)
     trt-custom-op        a node from a non-ONNX domain (e.g. com.microsoft MatMulNBits), no TensorRT importer
     trt-opset            default-domain opset outside 13..22
+    trt-float32-tensor   a float32 tensor (other than the model's I/O) in a half-precision (fp16/bf16) graph: a
+                         strongly typed TensorRT network runs it, and the layer that makes it, in FP32
+    trt-scale-dtype      a Q/DQ scale whose type is not the float type the pair works in (QuantizeLinear: its
+                         input's; DequantizeLinear in a half graph: the half type), so the DQ output, and
+                         the GEMM behind it, would be float32
+
+A graph is half precision when its ``maskaq.float_dtype`` metadata says so, or (graphs from elsewhere) when
+most of its computed float tensors are fp16 or bf16; tensor types come from the graph's value_info, completed
+by ONNX shape inference. Why the scales follow the half type: export/precision.py.
 
 Opset bound: onnx-tensorrt (the parser inside TensorRT 10.x) documents ONNX opsets 9 to 22 in its
 docs/operators.md; NVIDIA's ONNX Opset Guide gives 25 as the maximum for TensorRT 11.x. 22 is the bound both
@@ -38,6 +47,7 @@ from onnx import TensorProto
 
 from maskaq_deploy.export.errors import OnnxFileError
 from maskaq_deploy.export.graph import INT4_TYPES, QDQ_OPS, GraphView
+from maskaq_deploy.export.precision import FLOAT_DTYPE_KEY, FLOAT_DTYPES
 from maskaq_deploy.export.registry import int4_consumers, trt_float_only_ops
 
 TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
@@ -57,6 +67,8 @@ RULES = {
     "trt-fused-attention": "attention must stay MatMul -> Softmax -> MatMul",
     "trt-custom-op": "only ONNX-domain ops (no onnxruntime contrib ops)",
     "trt-opset": f"opset {TRT_MIN_OPSET} to {TRT_MAX_OPSET}",
+    "trt-float32-tensor": "no float32 tensor but the model I/O in an fp16/bf16 graph",
+    "trt-scale-dtype": "Q/DQ scales have the float type the pair works in",
     "ort-load": "onnxruntime can create a CPU session at the default optimization level",
     "ort-int4-accuracy": "INT4 DQ -> MatMul needs session.qdq_matmulnbits_accuracy_level=0",
 }
@@ -130,7 +142,58 @@ def check_tensorrt(model) -> list[Violation]:
         if node.op_type not in QDQ_OPS:
             continue
         _check_qdq(G, node, add, int4_ok)
+    _check_float_types(proto, add)
     return out
+
+
+_HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def half_dtype(proto: onnx.ModelProto, types: dict) -> int | None:
+    """The half type (FLOAT16 / BFLOAT16) a graph computes in, or None for a float32 graph."""
+    meta = {p.key: p.value for p in proto.metadata_props}.get(FLOAT_DTYPE_KEY)
+    if meta in FLOAT_DTYPES:
+        return FLOAT_DTYPES[meta] if FLOAT_DTYPES[meta] in _HALF else None
+    produced = [types.get(o) for n in proto.graph.node for o in n.output]
+    floats = [t for t in produced if t in _HALF | {TensorProto.FLOAT}]
+    half = [t for t in floats if t in _HALF]
+    return max(set(half), key=half.count) if floats and 2 * len(half) > len(floats) else None
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict:
+    """{tensor name: element type} of every typed tensor: I/O, value_info, initializers, plus inferred ones."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # a graph shape inference cannot read: use what the file declares
+        inferred = proto
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    return types
+
+
+def _check_float_types(proto: onnx.ModelProto, add) -> None:
+    types = tensor_types(proto)
+    half = half_dtype(proto, types)
+    io = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
+    inits = {t.name for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in QDQ_OPS and len(node.input) > 1:
+            scale_t = types.get(node.input[1])
+            want = types.get(node.input[0]) if node.op_type == "QuantizeLinear" else half
+            if want is not None and scale_t is not None and scale_t != want:
+                add("trt-scale-dtype", node, f"scale is {_dtype_name(scale_t)} but the pair works in "
+                    f"{_dtype_name(want)}; store the scale as {_dtype_name(want)} (DequantizeLinear returns its "
+                    "scale's type)")
+        if half is None:
+            continue
+        bad = [o for o in node.output if o and o not in io and types.get(o) == TensorProto.FLOAT]
+        bad += [i for i in node.input if i in inits and node.op_type not in QDQ_OPS
+                and types.get(i) == TensorProto.FLOAT]
+        if bad:
+            add("trt-float32-tensor", node, f"{node.op_type} makes or reads float32 tensor {bad[0]!r} in a "
+                f"{_dtype_name(half)} graph; TensorRT would run it in FP32. Re-export with --float-dtype "
+                f"{'fp16' if half == TensorProto.FLOAT16 else 'bf16'}")
 
 
 def _check_qdq(G: GraphView, node, add, int4_ok: set) -> None:

@@ -2,9 +2,10 @@
 
     target        runs
     onnxruntime   every recipe (sub-8-bit grids run as QDQ simulation)
-    tensorrt      w8a8, w4a16, and custom recipes whose grids TensorRT's integer types hold exactly:
-                  int8 activations (symmetric) with 5..8-bit per-channel weights (int8 containers), or float
-                  activations with 2..4-bit block-wise weights (INT4 weight-only)
+    tensorrt      w8a8, fp8, w4a16, and custom recipes whose grids TensorRT's types hold exactly:
+                  int8 activations (symmetric) with 5..8-bit per-channel weights (int8 containers), float
+                  activations with 2..4-bit block-wise weights (INT4 weight-only), or FP8 E4M3 (the engine
+                  needs a GPU of compute capability 8.9 or later: Ada, Hopper, Blackwell, Thor; not Orin)
 
 TensorRT quantizes activations and weights to INT8 and supports INT4 for weights only
 (https://docs.nvidia.com/deeplearning/tensorrt/10.11.0/inference-library/work-quantized-types.html): it has
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 from maskaq_deploy.calib.recipes import RECIPES, Recipe
 from maskaq_deploy.export.errors import TargetError
+from maskaq_deploy.export.registry import FLAVOURS, TENSORRT
 
-TARGETS = ("tensorrt", "onnxruntime")
+TARGETS = tuple(FLAVOURS)
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 
 class RecipeTargetError(TargetError):
@@ -54,7 +57,7 @@ def recipe_problem(recipe: Recipe, target: str) -> str | None:
     """Why ``target`` cannot execute ``recipe``, or None when it can."""
     if target not in TARGETS:
         raise RecipeTargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "tensorrt":
+    if target == TENSORRT:
         return _tensorrt_problem(recipe)
     return None  # onnxruntime runs every grid, sub-8-bit ones as QDQ simulation
 

@@ -33,6 +33,7 @@ class ExportResult:
     dynamic_batch: bool
     batch_size: int
     op_counts: dict
+    float_dtype: str = "fp32"
 
 
 def check_target(recipe_name: str, target: str) -> None:
@@ -48,8 +49,10 @@ def check_target(recipe_name: str, target: str) -> None:
 
 
 def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None = None, fp_too: bool = True,
-               batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
-    """Export the checkpoint in ``run_dir`` to QDQ ONNX (and its float graph to RUN/model.onnx)."""
+               batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
+               float_dtype: str | None = None, attention_qdq: bool | None = None) -> ExportResult:
+    """Export the checkpoint in ``run_dir`` to QDQ ONNX (and its float graph to RUN/model.onnx).
+    ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
     from maskaq_deploy.calib import load_quantized_checkpoint
     from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx
 
@@ -62,8 +65,8 @@ def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None 
     qdq_path = Path(out) if out else run_dir / QDQ_ONNX
     meta = {"maskaq.recipe": manifest["recipe"]["name"], "maskaq.method": manifest["method"],
             "maskaq.model": manifest["model"]["name"], "maskaq.flavour": flavour}
-    res = export_qdq_onnx(qmodel, qdq_path, flavour=flavour, batch_size=batch_size,
-                          dynamic_batch=dynamic_batch, opset=opset, metadata=meta)
+    res = export_qdq_onnx(qmodel, qdq_path, flavour=flavour, batch_size=batch_size, dynamic_batch=dynamic_batch,
+                          opset=opset, metadata=meta, float_dtype=float_dtype, attention_qdq=attention_qdq)
     fp_path = None
     if fp_too:
         fp_path = run_dir / FP_ONNX
@@ -74,7 +77,7 @@ def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None 
         with quantizers_enabled(qmodel, False):
             export_fp_onnx(fp, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
     return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
-                        dict(res.op_counts))
+                        dict(res.op_counts), res.float_dtype)
 
 
 def _check_recipe(manifest: dict, target: str) -> None:
@@ -105,7 +108,7 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
             log.info("%s not found: exporting the onnxruntime flavour first", path)
             path = export_run(run_dir, flavour="onnxruntime", fp_too=False, dynamic_batch=True).qdq_path
         backend = OrtBackend(path)
-        info = {"artifact": path.name}
+        info = {"artifact": path.name, **_graph_facts(path)}
     elif runtime == "tensorrt":
         from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
 
@@ -119,6 +122,14 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
         for x, _ in images.batches(batch_size):
             outs.append(torch.from_numpy(np.asarray(rt.run(x.numpy()), dtype=np.float32)))
     return torch.cat(outs), info
+
+
+def _graph_facts(path) -> dict:
+    """The export flavour and float dtype a QDQ graph records (report.json names what was evaluated)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {k: meta[f"maskaq.{k}"] for k in ("flavour", "float_dtype") if f"maskaq.{k}" in meta}
 
 
 def golden_inputs(images, n: int = GOLDEN_IMAGES) -> np.ndarray:

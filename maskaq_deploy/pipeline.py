@@ -69,6 +69,8 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
     from maskaq_deploy.calib import attach_quantizers, get_recipe
 
     recipe = get_recipe(cfg.recipe)
+    if cfg.attention_qdq is not None:
+        recipe = dataclasses.replace(recipe, quantize_attention=cfg.attention_qdq)
     qmodel = copy.deepcopy(loaded.model)
     info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
     return qmodel, recipe, info
@@ -273,7 +275,8 @@ class BuildResult:
 
 def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "onnxruntime", force: bool = False,
           val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
-          bundle_only: bool = False, progress=None, resume: bool = False) -> BuildResult:
+          bundle_only: bool = False, progress=None, resume: bool = False,
+          float_dtype: str | None = None) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
     and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
     from maskaq_deploy.calib.dfq.distributed import env_world
@@ -292,7 +295,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "o
         report = verify(out, val_data, limit=limit)
         return BuildResult(report, _listing(out))
     t1 = time.perf_counter()
-    exp = deploy.export_run(out, flavour=target, dynamic_batch=dynamic_batch)
+    exp = deploy.export_run(out, flavour=target, dynamic_batch=dynamic_batch, float_dtype=float_dtype)
     export_s = round(time.perf_counter() - t1, 3)
     if target == "tensorrt":
         bad = deploy.conformance(exp.qdq_path)

@@ -5,11 +5,12 @@ the *same float32 scale values* torch's fake-quant uses (LSQ's gradient-scaling 
 up to an ulp in the forward pass; ``act_params`` / ``weight_params`` reproduce that, and check it against the
 quantizer's own output). So the ONNX graph and the torch model compute the same grid.
 
-Two flavours from one code path (``FLAVOURS``):
+Two flavours from one code path (``registry.FLAVOURS``):
 
 * ``tensorrt``: symmetric int8 per-tensor activations (zero point 0), per-channel int8 weights (a < 8-bit
   per-channel weight is stored in an int8 initializer: same values, TensorRT runs it as INT8), INT4 only as
   block-wise weight DequantizeLinear feeding MatMul/Gemm with float activations. Anything else is a TargetError.
+  Everything unquantized computes in fp16 by default (``float_dtype``; export/precision.py says why).
 * ``onnxruntime``: what onnxruntime's CPU kernels run fastest with the same numerics. Activations are uint8:
   a symmetric signed grid [-128, 127] becomes [0, 255] with zero point 128 (identical values); onnxruntime
   only runs QDQ MatMuls on its integer kernels for uint8 activations. Linear layers with quantized inputs are
@@ -19,12 +20,16 @@ Two flavours from one code path (``FLAVOURS``):
   block-wise weights with float activations become com.microsoft MatMulNBits (accuracy_level 0: float
   activations, so the numerics stay those of the torch model).
 
+FP8 (the ``fp8`` recipe) is the same in both flavours: float8e4m3fn Q/DQ with a float8 zero point 0 for
+activations, float8e4m3fn per-channel weight initializers + DequantizeLinear.
+
 Opset: 20 by default, 21 when the model has block-wise (INT4) weights, which need opset 21's INT4 type and
 blocked DequantizeLinear. Not 21 everywhere: onnxruntime (1.32) fails to load int8-activation QDQ MatMul
 graphs at opset 21 (its MatMulAddFusion builds a QuantizeLinear-21 whose output_dtype contradicts the zero
 point once QDQS8ToU8 has run), at the default optimization level.
 
-Per-op decisions (which input of which op takes which kind of Q/DQ) come from export/registry.py only.
+Per-op decisions (which input of which op takes which kind of Q/DQ, and how a quantized weight is written in
+each flavour) come from export/registry.py only: the pass asks the op's entry to lower each weight.
 """
 
 from __future__ import annotations

@@ -263,12 +263,30 @@ def _print_report(report: dict) -> None:
     for col in ("runtime", "top-1 %", "drop (pts)", "agree vs FP", "agree vs torch", "SQNR vs torch dB"):
         table.add_column(col, justify="right")
     table.add_row("FP (float)", f"{report['fp_top1']:.2f}", "-", "-", "-", "-")
-    for name, r in report["runtimes"].items():
-        table.add_row(name, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
-                      f"{100 * r['agreement_vs_fp']:.2f}%",
-                      f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
-                      f"{r['sqnr_db_vs_torch']:.1f}" if "sqnr_db_vs_torch" in r else "-")
+    skipped = []
+    for name, runtime in report["runtimes"].items():
+        for label, r in _flavour_rows(name, runtime, skipped):
+            table.add_row(label, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
+                          f"{100 * r['agreement_vs_fp']:.2f}%",
+                          f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
+                          f"{r['sqnr_db_vs_torch']:.1f}" if "sqnr_db_vs_torch" in r else "-")
     Console().print(table)
+    for line in skipped:
+        click.echo(line)
+
+
+def _flavour_rows(name: str, r: dict, skipped: list) -> list:
+    """A runtime's row, then one per other export flavour verify ran on it (onnxruntime: both QDQ flavours)."""
+    def label(flavour, row):
+        return f"{name} ({flavour}, {row.get('float_dtype', 'fp32')})"
+
+    rows = [(label(r["flavour"], r) if "flavour" in r else name, r)]
+    for flavour, row in (r.get("flavours") or {}).items():
+        if "skipped" in row:
+            skipped.append(f"{name} ({flavour} flavour) not evaluated: {row['skipped']}")
+        elif flavour != r.get("flavour"):
+            rows.append((label(flavour, row), row))
+    return rows
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})

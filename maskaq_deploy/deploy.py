@@ -124,6 +124,26 @@ def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manif
     return torch.cat(outs), info
 
 
+def other_flavour_graphs(run_dir, done: str | None) -> dict:
+    """{flavour: QDQ graph path, or the reason there is none} for the export flavours other than ``done``
+    (the one RUN/model.qdq.onnx holds), exported with a dynamic batch to RUN/model.qdq.<flavour>.onnx."""
+    from maskaq_deploy.export.errors import ExportError
+    from maskaq_deploy.export.registry import FLAVOURS
+
+    out = {}
+    for flavour in FLAVOURS:
+        if flavour == done:
+            continue
+        path = Path(run_dir) / f"model.qdq.{flavour}.onnx"
+        try:
+            if not path.is_file():
+                export_run(run_dir, flavour=flavour, out=path, fp_too=False, dynamic_batch=True)
+            out[flavour] = path
+        except ExportError as e:  # e.g. a recipe TensorRT cannot run
+            out[flavour] = str(e).splitlines()[0]
+    return out
+
+
 def _graph_facts(path) -> dict:
     """The export flavour and float dtype a QDQ graph records (report.json names what was evaluated)."""
     import onnx

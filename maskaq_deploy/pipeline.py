@@ -227,6 +227,17 @@ def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limi
         res.update(_vs_torch(art_logits, torch_logits))
         res.update(art_info)
         results[runtime] = res
+        if runtime == "onnxruntime" and artifact is None:  # the other export flavour's graph too
+            from maskaq_deploy.deploy import other_flavour_graphs
+
+            res["flavours"] = {res.get("flavour", "?"): {k: res[k] for k in res if k != "artifact"}}
+            for flavour, graph in other_flavour_graphs(run_dir, res.get("flavour")).items():
+                if isinstance(graph, str):  # why this flavour has no graph
+                    res["flavours"][flavour] = {"skipped": graph}
+                    continue
+                logits, info = run_artifact(runtime, run_dir, graph, images, batch_size, manifest)
+                res["flavours"][flavour] = {**_runtime_result(logits, labels, fp_logits),
+                                            **_vs_torch(logits, torch_logits), **info}
 
     main = results[runtime]
     report = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import numpy as np
 import onnx
@@ -116,8 +117,28 @@ def test_cli_float_dtype_and_inspect_strict(root):
     r = invoke(cli, ["export", str(run), "--for", "onnxruntime", "--out", str(root / "o.onnx")])
     assert r.exit_code == 0
     r = invoke(cli, ["inspect", "--strict", str(root / "o.onnx")])  # contrib ops: not a TensorRT graph
-    assert r.exit_code == 1 and "trt-custom-op" in r.output
+    assert r.exit_code == 1 and re.search(r"TensorRT: [1-9][0-9]* violation", r.output)
     r = invoke(cli, ["inspect", str(root / "o.onnx")])
     assert r.exit_code == 0
     r = invoke(cli, ["inspect", "--strict", str(root / "b.onnx")])
     assert r.exit_code == 0 and "bf16" in r.output
+
+
+def test_verify_reports_both_flavours(root):
+    from maskaq_deploy.pipeline import verify
+
+    run = run_dir(root, "w8a8")
+    export_run(run, flavour="tensorrt", dynamic_batch=True)  # RUN/model.qdq.onnx: the TensorRT graph, fp16
+    rep = verify(run, "embedded:test", runtime="onnxruntime", limit=500)
+    ort = rep["runtimes"]["onnxruntime"]
+    assert (ort["flavour"], ort["float_dtype"]) == ("tensorrt", "fp16")
+    flavours = ort["flavours"]
+    assert set(flavours) == {"tensorrt", "onnxruntime"} and flavours["onnxruntime"]["float_dtype"] == "fp32"
+    assert flavours["tensorrt"]["top1"] == ort["top1"]
+    for f in flavours.values():
+        assert f["agreement_vs_torch"] >= 0.99 and f["sqnr_db_vs_torch"] >= 30.0, f
+    w4a8 = run_dir(root, "w4a8")
+    rep = verify(w4a8, "embedded:test", runtime="onnxruntime", limit=200)
+    assert "no INT4 x INT8 GEMM" in rep["runtimes"]["onnxruntime"]["flavours"]["tensorrt"]["skipped"]
+    r = CliRunner().invoke(cli, ["verify", str(run), "--runtime", "onnxruntime", "--limit", "200"])
+    assert r.exit_code == 0 and "onnxruntime (tensorrt, fp16)" in r.output and "(onnxruntime, fp32)" in r.output

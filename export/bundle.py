@@ -280,7 +280,7 @@ The graph is strongly typed: TensorRT takes each layer's precision from its tens
 are @QUANT@ Q/DQ pairs; everything else (LayerNorm, Softmax, GELU, residual adds, GEMM outputs) is
 @FLOAT_DTYPE@. The model input and output are float32 (a Cast at each end), so any float32 caller works.
 @FP8_NOTE@
-## INT8 or float attention: time both on the device
+## Quantized or float attention: time both on the device
 
 The attention matmuls (q @ k^T, attn @ v) @ATTENTION@. On some TensorRT versions quantized attention does not
 fuse into one attention kernel and costs more than float attention, so measure on the device. On the machine

@@ -16,6 +16,9 @@ computes in the chosen dtype:
   output type (``setToType``) is that type
   (https://docs.nvidia.com/deeplearning/tensorrt/api/c_api/classnvinfer1_1_1_i_dequantize_layer.html). A
   float32 scale would make every DQ output, and so every GEMM behind it, float32 in a strongly typed network;
+* bf16 graphs are exported at opset 22 (``BF16_OPSET``), the first whose Conv takes bfloat16; onnxruntime
+  has no CPU kernel for bfloat16 QuantizeLinear, so a bf16 graph is checked here by ONNX's type checker and our
+  rules only, not run;
 * the model input gets a Cast to the dtype, the output a Cast back to float32, so golden files, the bundle's
   verify_engine.py and every runtime keep feeding and reading float32.
 
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FLOAT_DTYPE_KEY = "maskaq.float_dtype"
+BF16_OPSET = 22  # the first opset whose Conv takes bfloat16 (MatMul, Gemm, LayerNorm, Softmax, Gelu already do)
 _NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 _FP16_TINY = np.float16(2.0 ** -24)  # smallest positive (subnormal) fp16
 
@@ -126,9 +130,12 @@ def to_float_dtype(proto: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
     g.node.extend(nodes)
     del g.value_info[:]  # stale float32 types; shape inference below derives the new ones
     try:
+        onnx.checker.check_model(proto, full_check=True)  # every op's type constraints hold for the new dtype
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as e:  # InferenceError, ValidationError: a type the conversion got wrong
-        raise ExportError(f"the {dtype} graph does not type-check: {str(e).strip().splitlines()[0][:300]}") from e
+        hint = f" (bf16 Conv needs opset {BF16_OPSET})" if to == TensorProto.BFLOAT16 else ""
+        raise ExportError(f"the {dtype} graph does not type-check{hint}: "
+                          f"{str(e).strip().splitlines()[0][:300]}") from e
     proto.graph.value_info.extend(inferred.graph.value_info)
     return proto
 

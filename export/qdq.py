@@ -65,7 +65,7 @@ from maskaq_deploy.export.onnx_export import (
     trace_to_onnx,
 )
 from maskaq_deploy.export.lowering import WeightSite, float8_initializer
-from maskaq_deploy.export.precision import FLOAT_DTYPE_KEY, to_float_dtype
+from maskaq_deploy.export.precision import BF16_OPSET, FLOAT_DTYPE_KEY, to_float_dtype
 from maskaq_deploy.export.qparams import ActParams, WeightParams
 from maskaq_deploy.export.registry import REGISTRY, Flavour, InputKind, OpRule, get_flavour
 
@@ -463,11 +463,13 @@ def export_qdq_onnx(model: nn.Module, path, *, flavour: str = "onnxruntime", inp
 
     ``input_shape`` (C, H, W) defaults to the model's; the batch is fixed to ``batch_size`` unless
     ``dynamic_batch``. ``metadata`` goes into the model's metadata_props (e.g. the recipe name). ``opset``
-    None: 20, or 21 when the model has block-wise (INT4) weights. ``float_dtype``: what the unquantized ops
+    None: 20, or 21 when the model has block-wise (INT4) weights, 22 for bf16. ``float_dtype``: what the unquantized ops
     compute in, "fp16" (the tensorrt default), "bf16" or "fp32" (onnxruntime: fp32 only); I/O stay float32.
     ``attention_qdq``: see ``trace_quantized``.
     """
-    get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
+    dtype = get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
+    if opset is None and dtype == "bf16":
+        opset = BF16_OPSET
     options = default_options(model, input_shape=input_shape, batch_size=batch_size, dynamic_batch=dynamic_batch,
                               opset=opset)
     marked = trace_quantized(model, options, attention_qdq=attention_qdq)

@@ -377,6 +377,9 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     limits = thresholds(max_drop, baseline, max_regression)
     if float_dtype not in (None, "fp32") and target != "tensorrt":
         raise UsageError(f"--float-dtype {float_dtype} is for --target tensorrt; {target} computes in fp32")
+    if float_dtype == "bf16":
+        raise UsageError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build with "
+                         "fp16, or export bf16 with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'")
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     with _ProgressView(quiet) as view:

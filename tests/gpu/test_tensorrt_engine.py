@@ -162,7 +162,7 @@ def test_backend_rejects_wrong_image_shape(tmp_path, images):
 
 
 @pytest.mark.parametrize("recipe, float_dtype", [("w8a8", "fp16"), ("w8a8", "fp32"), ("w4a16", "fp16"),
-                                                 ("fp8", "fp16"), ("w8a8", "bf16")])
+                                                 ("fp8", "fp16")])
 def test_exported_tiny_vit_engine_matches_its_golden_outputs(tmp_path, recipe, float_dtype):
     """The whole deployment path on the project's own graph: calibrate a tiny ViT, export the tensorrt-flavour
     QDQ graph (fp16 around the quantized layers by default), write the bundle, build the engine in it, and check

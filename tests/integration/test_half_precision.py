@@ -121,7 +121,11 @@ def test_cli_float_dtype_and_inspect_strict(root):
     r = invoke(cli, ["inspect", str(root / "o.onnx")])
     assert r.exit_code == 0
     r = invoke(cli, ["inspect", "--strict", str(root / "b.onnx")])
-    assert r.exit_code == 0 and "bf16" in r.output
+    assert r.exit_code == 0 and "bf16" in r.output and "opset 22" in r.output  # bf16 Conv needs opset 22
+    r = invoke(cli, ["build", "--target", "tensorrt", "--float-dtype", "bf16", "--out", str(root / "nb")])
+    assert r.exit_code == 2 and "no CPU kernel for bf16" in r.output and not (root / "nb").exists()
+    r = invoke(cli, ["build", "--target", "onnxruntime", "--float-dtype", "fp16", "--out", str(root / "nb")])
+    assert r.exit_code == 2 and "is for --target tensorrt" in r.output
 
 
 def test_verify_reports_both_flavours(root):

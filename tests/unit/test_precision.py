@@ -109,3 +109,16 @@ def test_float32_scale_in_an_fp16_graph_is_a_finding():
 def test_float32_graph_has_no_dtype_findings():
     m = qdq_linear("fp32")
     assert check_tensorrt(m) == [] and onnx.checker.check_model(m) is None
+
+
+def test_bf16_conv_needs_opset_22():
+    def conv_model(opset):
+        g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])], "c",
+                              [helper.make_tensor_value_info("x", F, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", F, [1, 2, 3, 3])],
+                              [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+    with pytest.raises(ExportError, match="bf16 Conv needs opset 22"):
+        to_float_dtype(conv_model(20), "bf16")
+    assert tensor_types(to_float_dtype(conv_model(22), "bf16"))["w"] == BF

@@ -50,10 +50,10 @@ def prepare(work: Path, reuse: bool) -> tuple[dict, np.ndarray]:
     from maskaq_deploy.calib import load_quantized_checkpoint
     from maskaq_deploy.config import CalibrateConfig
     from maskaq_deploy.data import load_image_set
-    from maskaq_deploy.deploy import export_run
     from maskaq_deploy.export import export_fp_onnx
     from maskaq_deploy.models import ModelConfig
-    from maskaq_deploy.pipeline import calibrate
+    from maskaq_deploy.pipeline import calibrate, export_run
+    from maskaq_deploy.run import Run
 
     graphs = {}
     for recipe in RECIPES:
@@ -62,7 +62,7 @@ def prepare(work: Path, reuse: bool) -> tuple[dict, np.ndarray]:
             calibrate(ModelConfig(), CalibrateConfig(method="real", recipe=recipe), run, force=True)
         path = run / "model.qdq.trt.onnx"
         if not (reuse and path.is_file()):
-            export_run(run, flavour="tensorrt", out=path, fp_too=False, dynamic_batch=True)
+            export_run(Run(run), "tensorrt", out=path, fp_too=False, dynamic_batch=True)
         graphs[f"ours {recipe}"] = path
     qmodel, manifest = load_quantized_checkpoint(work / RECIPES[0])
     fp = work / "model.fp.onnx"

@@ -67,7 +67,7 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     from maskaq_deploy.calib.calibrate import calibrate_observers
     from maskaq_deploy.calib.dfq.config import DFQConfig
     from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
-    from maskaq_deploy.calib.dfq.methods import _autocast_dtype
+    from maskaq_deploy.calib.dfq.methods import autocast_dtype_for
     from maskaq_deploy.calib.dfq.models import token_layout
     from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
 
@@ -83,7 +83,7 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     def synth(iters):
         cfg = DFQConfig(iterations=iters, batch_size=args.batch, autocast=autocast, log_every=10**6)
         setup = SynthesisSetup(teacher, q, token_layout(teacher), cfg, "maskaq", device, (c, h, w), mean, std,
-                               _autocast_dtype(cfg, device))
+                               autocast_dtype_for(cfg, device))
         synthesize_batch(setup, labels, seed=0)
 
     synth(args.warmup)
@@ -100,7 +100,7 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     layout = token_layout(teacher)
     opt = make_optimizer(q, cfg)
     imgs = torch.randn(args.batch * max(args.steps, args.warmup), c, h, w)
-    dtype = _autocast_dtype(cfg, device)
+    dtype = autocast_dtype_for(cfg, device)
     finetune_epoch(teacher, q, opt, imgs[:args.batch * args.warmup], None, cfg, layout, 0, device, dtype)
     _sync(device)
     _peak_reset(device)
@@ -119,12 +119,12 @@ def breakdown(args, teacher, q, data, device, autocast) -> list[dict]:
     """Parts of a synthesis step, each timed alone (they overlap nothing, so they roughly add up)."""
     from maskaq_deploy.calib.dfq import losses as L
     from maskaq_deploy.calib.dfq.config import DFQConfig
-    from maskaq_deploy.calib.dfq.methods import _autocast_dtype
+    from maskaq_deploy.calib.dfq.methods import autocast_dtype_for
     from maskaq_deploy.calib.dfq.models import Capture, frozen, token_layout
     from maskaq_deploy.calib.dfq.synthesis import autocast_ctx
 
     cfg = DFQConfig(autocast=autocast)
-    dtype = _autocast_dtype(cfg, device)
+    dtype = autocast_dtype_for(cfg, device)
     lay = token_layout(teacher)
     c, h, w = data["input_size"]
     x = torch.randn(args.batch, c, h, w, device=device, requires_grad=True)

@@ -34,6 +34,8 @@ from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json
 from maskaq_deploy.export.errors import ExportError
 from maskaq_deploy.export.targets import FP8_MIN_COMPUTE_CAPABILITY
 from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
+from maskaq_deploy.runtimes.ort_backend import OrtBackend
+from maskaq_deploy.runtimes.registry import TENSORRT
 
 BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"
@@ -191,32 +193,12 @@ def build_script(io: ModelIO, profile: dict | None, workspace_mib: int | None = 
             .replace("@PARTIAL@", _PARTIAL_ENGINE).replace("@ENGINE@", ENGINE_FILE))
 
 
-def ort_session_options(int4_weights: bool):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()  # default optimization level: the fusions a deployment would get
-    if int4_weights:
-        # accuracy level 0 keeps MatMulNBits in the input's float precision instead of quantizing activations to
-        # int8 inside the kernel, so the golden logits follow the QDQ graph's own arithmetic.
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return so
-
-
-def run_onnxruntime(onnx_path, inputs: np.ndarray, io: ModelIO | None = None) -> np.ndarray:
-    """Logits of the graph on ``inputs`` with onnxruntime (CPU), batched to fit a static batch dimension."""
-    import onnxruntime as ort
-
-    io = io or read_model_io(onnx_path)
-    sess = ort.InferenceSession(str(onnx_path), sess_options=ort_session_options(io.int4_weights),
-                                providers=["CPUExecutionProvider"])
-    step = io.input_shape[0] or 64  # bounded runs keep memory flat for large golden sets
-    outs = []
-    for start in range(0, len(inputs), step):
-        chunk = inputs[start:start + step]
-        padded = np.zeros((step, *chunk.shape[1:]), np.float32) if len(chunk) < step else chunk
-        padded[: len(chunk)] = chunk
-        outs.append(sess.run([io.output_name], {io.input_name: padded})[0][: len(chunk)])
-    return np.concatenate(outs, axis=0).astype(np.float32)
+def run_onnxruntime(onnx_path, inputs: np.ndarray) -> np.ndarray:
+    """Logits of the graph on ``inputs`` with the onnxruntime backend (CPU, default optimization level; a
+    static batch dimension is filled in chunks). The backend keeps INT4 MatMulNBits at accuracy level 0, in the
+    input's float precision, so the golden logits follow the QDQ graph's own arithmetic."""
+    with OrtBackend(onnx_path) as rt:
+        return np.asarray(rt.run(inputs), dtype=np.float32)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -328,7 +310,7 @@ def _template_text() -> str:
 
 def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_batch: int = 1,
                  opt_batch: int | None = None, max_batch: int = 32, workspace_mib: int | None = None,
-                 flavour: str = "tensorrt", min_agreement: float = 0.99) -> Path:
+                 flavour: str = TENSORRT, min_agreement: float = 0.99) -> Path:
     """Write ``out_dir/bundle`` (replacing an existing one) and return its path.
 
     ``manifest`` carries the caller's facts (model, recipe, ...); the bundle adds input/output, TensorRT
@@ -343,7 +325,7 @@ def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_b
     io = read_model_io(onnx_path)
     profile = profile_shapes(io, min_batch, opt_batch, max_batch)
     inputs = _check_golden(golden_inputs, io)
-    logits = run_onnxruntime(onnx_path, inputs, io)
+    logits = run_onnxruntime(onnx_path, inputs)
     precision = graph_precision(onnx_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)

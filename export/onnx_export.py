@@ -68,7 +68,7 @@ def _qmark_fake(x, name):
     return torch.empty_like(x)
 
 
-def _register_marker_schema() -> None:
+def register_marker_schema() -> None:
     # The dynamo exporter takes a node's output count from its ONNX schema; a custom domain op needs one.
     if onnx.defs.has(MARKER_OP, MARKER_DOMAIN):
         return
@@ -190,7 +190,7 @@ def trace_to_onnx(model: nn.Module, options: ExportOptions, *, with_markers: boo
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
-    _register_marker_schema()
+    register_marker_schema()
     param = next(model.parameters(), None)
     example = torch.zeros((options.batch_size, *options.input_shape), dtype=torch.float32,
                           device=param.device if param is not None else "cpu")

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 from maskaq_deploy.export import lowering as lw
 from maskaq_deploy.export.errors import ExportError, TargetError
-
-TENSORRT, ONNXRUNTIME = "tensorrt", "onnxruntime"
+from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from maskaq_deploy.calib.recipes import RECIPES, Recipe
 from maskaq_deploy.export.errors import TargetError
-from maskaq_deploy.export.registry import FLAVOURS, TENSORRT
+from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
 
-TARGETS = tuple(FLAVOURS)
+TARGETS = (TENSORRT, ONNXRUNTIME)
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 

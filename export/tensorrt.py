@@ -23,11 +23,13 @@ import logging
 from pathlib import Path
 
 from maskaq_deploy.export.errors import ExportError
+from maskaq_deploy.runtimes.errors import BackendUnavailable
+from maskaq_deploy.runtimes.tensorrt_backend import import_tensorrt as runtime_import_tensorrt
+from maskaq_deploy.runtimes.tensorrt_backend import make_logger, version_major
 
 log = logging.getLogger(__name__)
 
 ENGINE_FILE = "model.engine"
-SUPPORTED_MAJORS = (10, 11)
 _BUNDLE_HINT = ("build it on the target device instead: copy the bundle there and run 'bash build_engine.sh' "
                 "(written by 'maskaq-deploy build --target tensorrt --bundle-only')")
 
@@ -106,50 +108,12 @@ def profile_shapes(io: ModelIO, min_batch: int = 1, opt_batch: int | None = None
     return {"min": (min_batch, *chw), "opt": (opt_batch, *chw), "max": (max_batch, *chw)}
 
 
-def version_major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return 0
-
-
 def import_tensorrt(what: str = "build a TensorRT engine"):
     """The tensorrt module, or EngineUnavailable saying why not (no package, no GPU, unsupported version)."""
     try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise EngineUnavailable(f"cannot {what} here: the tensorrt Python package is not importable ({e}); "
-                                f"{_BUNDLE_HINT}") from None
-    major = version_major(getattr(trt, "__version__", "0"))
-    if major not in SUPPORTED_MAJORS:
-        raise EngineUnavailable(f"cannot {what} here: TensorRT {trt.__version__} found, this tool needs "
-                                f"TensorRT 10.x or 11.x; {_BUNDLE_HINT}")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EngineUnavailable(f"cannot {what} here: TensorRT {trt.__version__} is installed but no CUDA GPU "
-                                f"is visible; {_BUNDLE_HINT}")
-    return trt
-
-
-def make_logger(trt):
-    """A TensorRT logger that forwards to ``logging`` and keeps the errors for the exception message."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(str(msg))
-                log.error("tensorrt: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("tensorrt: %s", msg)
-            else:
-                log.debug("tensorrt: %s", msg)
-
-    return _Logger()
+        return runtime_import_tensorrt()
+    except BackendUnavailable as e:
+        raise EngineUnavailable(f"cannot {what} here: {e}; {_BUNDLE_HINT}") from None
 
 
 @dataclasses.dataclass(frozen=True)

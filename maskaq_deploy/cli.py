@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from maskaq_deploy.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
+from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
 
 log = logging.getLogger("maskaq_deploy")
 
@@ -172,12 +173,14 @@ def gate_options(f):
     return f
 
 
-def _finish(run, report: dict, limits) -> None:
-    """Gate + report.json/md/html; prints the gate's lines and exits 4 on a breach."""
-    from maskaq_deploy.errors import EXIT_GATE
-    from maskaq_deploy.report import finish_report
+def _command_line() -> str:
+    return shlex.join(["maskaq-deploy", *sys.argv[1:]])
 
-    done = finish_report(run, report, limits=limits, command=shlex.join(["maskaq-deploy", *sys.argv[1:]]))
+
+def _finish(done, limits) -> None:
+    """Prints where the reports are and the gate's lines; exits 4 on a breach."""
+    from maskaq_deploy.errors import EXIT_GATE
+
     click.echo(f"reports: {done.md_path}, {done.html_path}")
     if limits is not None and limits.active:
         for line in done.gate.lines():
@@ -233,12 +236,10 @@ class _ProgressView:
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
-    def __call__(self, event: dict) -> None:
-        stage = str(event.get("stage", "calibration"))
-        key = event.get("round", stage)
-        losses = " ".join(f"{k} {v:.3g}" for k, v in (event.get("losses") or {}).items()
-                          if isinstance(v, (int, float)))
-        step, total = event.get("step", 0), event.get("total") or 1
+    def __call__(self, event) -> None:  # a records.ProgressEvent
+        stage, key = str(event.stage), event.key
+        losses = " ".join(f"{k} {v:.3g}" for k, v in (event.losses or {}).items() if isinstance(v, (int, float)))
+        step, total = event.step, event.total or 1
         if self.progress is None:
             log.info("%s %s/%s %s", stage, step, total, losses)
             return
@@ -254,10 +255,11 @@ def _setup_logging(quiet: bool = False, verbose: bool = False):
     logging.getLogger("maskaq_deploy").setLevel(level)  # calib, export and runtimes are its subpackages
 
 
-def _print_report(report: dict) -> None:
+def _print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    report = report.to_dict()
     table = Table(title=f"{report['model']} | {report['recipe']} | {report['method']} | "
                         f"{report['num_eval_images']} images")
     for col in ("runtime", "top-1 %", "drop (pts)", "agree vs FP", "agree vs torch", "SQNR vs torch dB"):
@@ -269,7 +271,7 @@ def _print_report(report: dict) -> None:
             table.add_row(label, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
                           f"{100 * r['agreement_vs_fp']:.2f}%",
                           f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
-                          f"{r['sqnr_db_vs_torch']:.1f}" if "sqnr_db_vs_torch" in r else "-")
+                          f"{r['sqnr_db_vs_torch']:.1f}" if r.get("sqnr_db_vs_torch") is not None else "-")
     Console().print(table)
     for line in skipped:
         click.echo(line)
@@ -316,17 +318,17 @@ def calibrate(out, force, quiet, resume, **kw):
         logging.getLogger("maskaq_deploy").setLevel(logging.WARNING)
     model_cfg, calib_cfg = resolve_configs(kw)
     with _ProgressView(quiet) as view:
-        manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view)
+        manifest = run_calibrate(model_cfg, calib_cfg, out, force=force, resume=resume, progress=view).manifest
     if rank == 0:
         where = f" by {world} processes" if world > 1 else ""
-        click.echo(f"quantized checkpoint written to {out}{where} ({manifest['recipe']['name']}, "
-                   f"{manifest['quantized_modules']} quantized modules, method {manifest['method']})")
+        click.echo(f"quantized checkpoint written to {out}{where} ({manifest.recipe_name}, "
+                   f"{manifest.quantized_modules} quantized modules, method {manifest.method})")
 
 
 @cli.command()
 @click.argument("run", type=click.Path(exists=False, file_okay=False))
 @click.option("--val-data", default=None, help="Validation images: .npz or ImageFolder (default: embedded test set).")
-@click.option("--runtime", default="torch", type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+@click.option("--runtime", default=TORCH, type=click.Choice(RUNTIMES),
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
@@ -336,25 +338,25 @@ def calibrate(out, force, quiet, resume, **kw):
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
     write RUN/report.json."""
-    from maskaq_deploy.calib.checkpoint import read_manifest
     from maskaq_deploy.gate import precheck, thresholds
+    from maskaq_deploy.run import Run
     from maskaq_deploy.pipeline import verify as run_verify
 
     _setup_logging()
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
-    manifest = read_manifest(run)  # the run's model and recipe, for the baseline precheck
-    precheck(limits, model=manifest["model"]["name"], recipe=manifest["recipe"]["name"])
-    report = run_verify(run, val_data, runtime=runtime, limit=limit, batch_size=batch_size, artifact=artifact)
-    _print_report(report)
-    _finish(run, report, limits)
+    handle = Run(run, val_data=val_data, limit=limit, batch_size=batch_size)
+    precheck(limits, model=handle.manifest.name, recipe=handle.manifest.recipe_name)
+    done = run_verify(handle, runtime=runtime, artifact=artifact, limits=limits, command=_command_line())
+    _print_report(done.report)
+    _finish(done, limits)
 
 
 @cli.command()
 @model_options
 @calib_options
 @click.option("--out", default="maskaq-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+@click.option("--target", default=ONNXRUNTIME, show_default=True,
+              type=click.Choice(TARGETS),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
@@ -375,7 +377,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
     _setup_logging(quiet)
     limits = thresholds(max_drop, baseline, max_regression)
-    if float_dtype not in (None, "fp32") and target != "tensorrt":
+    if float_dtype not in (None, "fp32") and target != TENSORRT:
         raise UsageError(f"--float-dtype {float_dtype} is for --target tensorrt; {target} computes in fp32")
     if float_dtype == "bf16":
         raise UsageError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build with "
@@ -385,10 +387,10 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     with _ProgressView(quiet) as view:
         result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
                            dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume,
-                           float_dtype=float_dtype)
+                           limits=limits, command=_command_line(), float_dtype=float_dtype)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
-    _finish(out, result.report, limits)
+    _finish(result.outcome, limits)
     if result.engine_missing_reason:
         from maskaq_deploy.errors import EXIT_NO_ENGINE
 
@@ -398,8 +400,8 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
 @cli.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--for", "flavour", default="onnxruntime", show_default=True,
-              type=click.Choice(["onnxruntime", "tensorrt"]), help="Which runtime the QDQ graph is shaped for.")
+@click.option("--for", "flavour", default=ONNXRUNTIME, show_default=True,
+              type=click.Choice(FLAVOURS), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
@@ -409,17 +411,18 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
               help="Q/DQ on the attention matmuls (default: as calibrated); off keeps them in the float dtype.")
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
-    from maskaq_deploy.deploy import conformance, export_run
+    from maskaq_deploy.deploy import conformance, export
+    from maskaq_deploy.run import Run
 
     _setup_logging()
-    if float_dtype not in (None, "fp32") and flavour != "tensorrt":
+    if float_dtype not in (None, "fp32") and flavour != TENSORRT:
         raise UsageError(f"--float-dtype {float_dtype} is for --for tensorrt; {flavour} computes in fp32")
-    res = export_run(run, flavour=flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch,
-                     opset=opset, float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
+    res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
+                 float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
         "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
     click.echo(f"wrote {res.qdq_path} ({flavour}, {res.float_dtype}, opset {res.opset}; {counts})")
-    if flavour == "tensorrt":
+    if flavour == TENSORRT:
         bad = conformance(res.qdq_path)
         click.echo(f"TensorRT conformance: {len(bad)} violation(s)")
         for v in bad:

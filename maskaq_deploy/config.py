@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from maskaq_deploy.calib.dfq.config import METHODS, PRESETS
 from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.errors import UsageError
 
 
 CONFIG_VERSION = 1
-METHODS = ("maskaq", "psaq", "noise", "real")
-PRESETS = ("fast", "standard", "paper")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Deployment stages on a quantized checkpoint: ONNX export, TensorRT bundle and engine, runtime evaluation.
+"""Deployment stages on a Run: ONNX export, running an artifact on a backend, TensorRT bundle and engine.
 
     RUN/model.onnx          the full-precision graph (reference, and what onnxruntime's own quantizers start from)
     RUN/model.qdq.onnx      the QDQ graph of the checkpoint, in the flavour of the target
@@ -14,13 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from maskaq_deploy.calib import get_recipe
+from maskaq_deploy.calib.recipes import Recipe
 from maskaq_deploy.errors import UsageError
+from maskaq_deploy.export.targets import check_recipe_for_target
+from maskaq_deploy.run import Run
+from maskaq_deploy.runtimes.registry import get_backend
+from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, TARGETS, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 
 FP_ONNX, QDQ_ONNX, ENGINE = "model.onnx", "model.qdq.onnx", "model.engine"
-TARGETS = ("onnxruntime", "tensorrt", "torch")
-RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+ARTIFACTS = {ONNXRUNTIME: QDQ_ONNX, TENSORRT: ENGINE}  # the file of a run each runtime executes
 GOLDEN_IMAGES = 64
 
 
@@ -40,52 +45,35 @@ def check_target(recipe_name: str, target: str) -> None:
     """Refuse, before any work, a recipe the target cannot execute."""
     if target not in TARGETS:
         raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "torch":
+    if target == TORCH:
         return
-    from maskaq_deploy.calib import get_recipe
-    from maskaq_deploy.export.targets import check_recipe_for_target
-
     check_recipe_for_target(get_recipe(recipe_name), target)
 
 
-def export_run(run_dir, *, flavour: str = "onnxruntime", out: str | Path | None = None, fp_too: bool = True,
-               batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
-               float_dtype: str | None = None, attention_qdq: bool | None = None) -> ExportResult:
-    """Export the checkpoint in ``run_dir`` to QDQ ONNX (and its float graph to RUN/model.onnx).
+def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = None, fp_too: bool = True,
+           batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
+           float_dtype: str | None = None, attention_qdq: bool | None = None) -> ExportResult:
+    """Export the run's checkpoint to QDQ ONNX (and its float graph to RUN/model.onnx).
     ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
-    from maskaq_deploy.calib import load_quantized_checkpoint
-    from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx
+    from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
-    if flavour not in ("onnxruntime", "tensorrt"):
-        raise UsageError(f"unknown export flavour {flavour!r}; use --for onnxruntime or --for tensorrt")
-    run_dir = Path(run_dir)
-    qmodel, manifest = load_quantized_checkpoint(run_dir)
-    if flavour == "tensorrt":
-        _check_recipe(manifest, "tensorrt")
-    qdq_path = Path(out) if out else run_dir / QDQ_ONNX
-    meta = {"maskaq.recipe": manifest["recipe"]["name"], "maskaq.method": manifest["method"],
-            "maskaq.model": manifest["model"]["name"], "maskaq.flavour": flavour}
-    res = export_qdq_onnx(qmodel, qdq_path, flavour=flavour, batch_size=batch_size, dynamic_batch=dynamic_batch,
-                          opset=opset, metadata=meta, float_dtype=float_dtype, attention_qdq=attention_qdq)
+    if flavour not in FLAVOURS:
+        raise UsageError(f"unknown export flavour {flavour!r}; use --for {' or --for '.join(FLAVOURS)}")
+    manifest = run.manifest
+    if flavour == TENSORRT:  # the checkpoint's own recipe (built-in or custom)
+        check_recipe_for_target(Recipe.from_dict(manifest.recipe), TENSORRT)
+    qdq_path = Path(out) if out else run.path / QDQ_ONNX
+    meta = {"maskaq.recipe": manifest.recipe_name, "maskaq.method": manifest.method,
+            "maskaq.model": manifest.name, "maskaq.flavour": flavour}
+    res = export_qdq_onnx(run.quantized, qdq_path, flavour=flavour, batch_size=batch_size,
+                          dynamic_batch=dynamic_batch, opset=opset, metadata=meta, float_dtype=float_dtype,
+                          attention_qdq=attention_qdq)
     fp_path = None
     if fp_too:
-        fp_path = run_dir / FP_ONNX
-        from maskaq_deploy.calib.quantize import quantizers_enabled
-        from maskaq_deploy.pipeline import reload_fp_model
-
-        fp = reload_fp_model(manifest).model
-        with quantizers_enabled(qmodel, False):
-            export_fp_onnx(fp, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
+        fp_path = run.path / FP_ONNX
+        export_fp_onnx(run.fp_model.model, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
     return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
                         dict(res.op_counts), res.float_dtype)
-
-
-def _check_recipe(manifest: dict, target: str) -> None:
-    """The checkpoint's own recipe (built-in or custom) against ``target``."""
-    from maskaq_deploy.calib.recipes import Recipe
-    from maskaq_deploy.export.targets import check_recipe_for_target
-
-    check_recipe_for_target(Recipe.from_dict(manifest["recipe"]), target)
 
 
 def conformance(qdq_path) -> list:
@@ -95,56 +83,50 @@ def conformance(qdq_path) -> list:
     return [v for v in check_tensorrt(str(qdq_path)) if getattr(v, "severity", "error") == "error"]
 
 
-def run_artifact(runtime: str, run_dir, artifact, images, batch_size: int, manifest: dict):
-    """Logits of an exported artifact over ``images``; returns (torch logits, info dict for report.json)."""
+def artifact(run: Run, runtime: str, given=None):
+    """What ``runtime`` executes for this run: the fake-quant model for torch, else ``given`` or the run's file
+    (for onnxruntime, exported first when it is missing)."""
+    get_backend(runtime)  # an unknown name fails here, with the list
+    if runtime == TORCH:
+        return run.quantized
+    path = Path(given) if given else run.path / ARTIFACTS[runtime]
+    if runtime == ONNXRUNTIME and not path.is_file():
+        log.info("%s not found: exporting the onnxruntime flavour first", path)
+        path = export(run, ONNXRUNTIME, fp_too=False, dynamic_batch=True).qdq_path
+    return path
+
+
+def run_backend(runtime: str, what, images, batch_size: int):
+    """Logits (a float32 torch tensor) of ``what`` on the backend called ``runtime`` over ``images``."""
     import torch
 
-    run_dir = Path(run_dir)
-    if runtime == "onnxruntime":
-        from maskaq_deploy.runtimes.ort_backend import OrtBackend
-
-        path = Path(artifact) if artifact else run_dir / QDQ_ONNX
-        if not path.is_file():
-            log.info("%s not found: exporting the onnxruntime flavour first", path)
-            path = export_run(run_dir, flavour="onnxruntime", fp_too=False, dynamic_batch=True).qdq_path
-        backend = OrtBackend(path)
-        info = {"artifact": path.name, **_graph_facts(path)}
-    elif runtime == "tensorrt":
-        from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
-
-        path = Path(artifact) if artifact else run_dir / ENGINE
-        backend = TensorRTBackend(path)
-        info = {"artifact": path.name}
-    else:
-        raise UsageError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     outs = []
-    with backend as rt:
+    with get_backend(runtime)(what) as rt:
         for x, _ in images.batches(batch_size):
             outs.append(torch.from_numpy(np.asarray(rt.run(x.numpy()), dtype=np.float32)))
-    return torch.cat(outs), info
+    return torch.cat(outs)
 
 
-def other_flavour_graphs(run_dir, done: str | None) -> dict:
+def other_flavour_graphs(run: Run, done: str | None) -> dict:
     """{flavour: QDQ graph path, or the reason there is none} for the export flavours other than ``done``
     (the one RUN/model.qdq.onnx holds), exported with a dynamic batch to RUN/model.qdq.<flavour>.onnx."""
     from maskaq_deploy.export.errors import ExportError
-    from maskaq_deploy.export.registry import FLAVOURS
 
     out = {}
     for flavour in FLAVOURS:
         if flavour == done:
             continue
-        path = Path(run_dir) / f"model.qdq.{flavour}.onnx"
+        path = run.path / f"model.qdq.{flavour}.onnx"
         try:
             if not path.is_file():
-                export_run(run_dir, flavour=flavour, out=path, fp_too=False, dynamic_batch=True)
+                export(run, flavour, out=path, fp_too=False, dynamic_batch=True)
             out[flavour] = path
         except ExportError as e:  # e.g. a recipe TensorRT cannot run
             out[flavour] = str(e).splitlines()[0]
     return out
 
 
-def _graph_facts(path) -> dict:
+def graph_facts(path) -> dict:
     """The export flavour and float dtype a QDQ graph records (report.json names what was evaluated)."""
     import onnx
 
@@ -158,12 +140,13 @@ def golden_inputs(images, n: int = GOLDEN_IMAGES) -> np.ndarray:
     return np.concatenate([x.numpy() for x, _ in sub.batches(n)]).astype(np.float32)
 
 
-def write_tensorrt_bundle(run_dir, qdq_path, images, manifest: dict, *, max_batch: int = 32) -> Path:
+def write_tensorrt_bundle(run: Run, qdq_path, *, max_batch: int = 32) -> Path:
     from maskaq_deploy.export.bundle import write_bundle
 
-    bundle_manifest = {"model": manifest["model"], "recipe": manifest["recipe"], "method": manifest["method"],
-                       "versions": manifest.get("versions", {})}
-    return write_bundle(run_dir, qdq_path, golden_inputs(images), manifest=bundle_manifest, max_batch=max_batch)
+    m = run.manifest
+    bundle_manifest = {"model": m.model, "recipe": m.recipe, "method": m.method, "versions": m.versions}
+    return write_bundle(run.path, qdq_path, golden_inputs(run.val_images), manifest=bundle_manifest,
+                        max_batch=max_batch)
 
 
 def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: int | None = None,
@@ -176,3 +159,4 @@ def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: i
                             timing_cache=timing_cache), None
     except EngineUnavailable as e:
         return None, str(e).splitlines()[0]
+

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from maskaq_deploy.errors import MaskAQError, UsageError
+from maskaq_deploy.records import REPORT_FILE
+from maskaq_deploy.report import read_report
 
 TOLERANCE = 1e-9
 # A baseline is comparable when it measured the same model with the same recipe on the same images.
@@ -90,11 +92,9 @@ def _check_pair(baseline, max_regression) -> None:
 
 def load_baseline(path) -> dict:
     """Read a baseline report: a report.json, or a run directory holding one. Raises UsageError."""
-    from maskaq_deploy.report import read_report
-
     path = Path(path)
     if path.is_dir():
-        path = path / "report.json"
+        path = path / REPORT_FILE
     return read_report(path, "--baseline")
 
 

@@ -1,10 +1,13 @@
-"""The stages behind the CLI: calibrate -> (export) -> verify, each usable on its own from Python.
+"""The stages, as functions of a Run, and the two commands that chain them (verify, build).
 
-    from maskaq_deploy.pipeline import calibrate, verify
-    from maskaq_deploy.config import CalibrateConfig
-    from maskaq_deploy.models import ModelConfig
-    manifest = calibrate(ModelConfig(), CalibrateConfig(method="real", recipe="w8a8"), "runs/w8a8")
-    report = verify("runs/w8a8", "embedded:test")
+    from maskaq_deploy import CalibrateConfig, ModelConfig, calibrate, verify
+    run = calibrate(ModelConfig(), CalibrateConfig(method="real", recipe="w8a8"), "runs/w8a8")
+    outcome = verify(run)                   # outcome.report: a records.Report, also in RUN/report.json
+
+Stages: ``calibrate`` (model -> quantized checkpoint -> Run), ``export(run, flavour)``, ``evaluate(run,
+runtime)`` -> RuntimeResult, ``sensitivity(run)``, ``gate(report, limits)``, ``render(run, report)``.
+``verify`` and ``build`` call them in order and write RUN/report.json once, at the end (``finish``): a
+failure half-way leaves the previous report as it was.
 
 ``calibrate`` also runs as one job over several processes (``torchrun ... -m maskaq_deploy calibrate``; see
 calib.dfq.distributed): every process loads the model and calibrates, rank 0 alone prepares and writes ``out``.
@@ -12,22 +15,42 @@ calib.dfq.distributed): every process loads the model and calibrates, rank 0 alo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import platform
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from maskaq_deploy import deploy
+from maskaq_deploy import gate as gate_mod
+from maskaq_deploy.calib import attach_quantizers, get_recipe, save_quantized_checkpoint
+from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json
+from maskaq_deploy.calib.dfq import distributed, effective_config, run_calibration
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import ImageSet, load_image_set
+from maskaq_deploy.deploy import export
 from maskaq_deploy.errors import DataError, MaskAQError, OutputExistsError, UsageError
-from maskaq_deploy.models import EMBEDDED, LoadedModel, ModelConfig, load_model
+from maskaq_deploy.models import LoadedModel, ModelConfig, load_model
+from maskaq_deploy.records import VS_TORCH_KEYS, Manifest, ProgressEvent, Report, RuntimeResult
+from maskaq_deploy.render import write_reports
+from maskaq_deploy.report import merge_report, read_latency
+from maskaq_deploy.run import Run, default_data, top1
+from maskaq_deploy.runtimes.bench import benchmark
+from maskaq_deploy.runtimes.compare import agreement, compare_logits
+from maskaq_deploy.runtimes.ort_backend import OrtBackend
+from maskaq_deploy.sensitivity import METRIC, layer_sensitivity
+from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
-REPORT_FILE = "report.json"
+export_run = export  # the name the package exports (maskaq_deploy.export is the exporter subpackage)
+
+__all__ = ["calibrate", "export", "export_run", "evaluate", "sensitivity", "gate", "render", "finish", "verify",
+           "build", "bench", "Outcome", "BuildResult", "Run"]
 
 
 def library_versions() -> dict:
@@ -55,19 +78,7 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def default_data(model_cfg: ModelConfig, part: str, given: str | None, what: str) -> str:
-    if given:
-        return given
-    if model_cfg.name == EMBEDDED:
-        return f"embedded:{part}"
-    raise DataError(f"{what} is required for model {model_cfg.name} (only the embedded model ships data)")
-
-
 def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
-    import copy
-
-    from maskaq_deploy.calib import attach_quantizers, get_recipe
-
     recipe = get_recipe(cfg.recipe)
     if cfg.attention_qdq is not None:
         recipe = dataclasses.replace(recipe, quantize_attention=cfg.attention_qdq)
@@ -77,29 +88,26 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
 
 
 def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool = False,
-              progress=None, resume: bool = False) -> dict:
-    """Quantize ``model_cfg``'s model by ``cfg`` and write the quantized checkpoint into ``out``.
+              progress=None, resume: bool = False) -> Run:
+    """Quantize ``model_cfg``'s model by ``cfg``, write the quantized checkpoint into ``out``, return its Run.
 
-    Under torchrun every process calls this; the returned manifest is the same on every rank, the files are
-    written by rank 0 only.
+    ``progress`` is called with a records.ProgressEvent as the calibration advances. Under torchrun every
+    process calls this; the returned manifest is the same on every rank, the files are written by rank 0 only.
     """
-    from maskaq_deploy.calib import save_quantized_checkpoint
-    from maskaq_deploy.calib.dfq import distributed
-
     dist = distributed.setup(cfg.device)
     out = Path(out)
     if not resume:
         dist.on_main(lambda: prepare_out_dir(out, force), "preparing the output directory")
     else:
         dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True), "preparing the output directory")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # a model without weights is drawn from it: reload_fp_model redraws it alike
     seconds = {}
     t0 = time.perf_counter()
     loaded = load_model(model_cfg)
     qmodel, recipe, info = _quantize(loaded, cfg)
     real = None
     if cfg.needs_real_data:
-        spec = default_data(model_cfg, "calib", cfg.calib_data, "--calib-data")
+        spec = default_data(model_cfg.name, "calib", cfg.calib_data, "--calib-data")
         real = load_image_set(spec, loaded.data_config, "--calib-data").subset(
             cfg.dfq_config().num_images, cfg.seed)
         if len(real) == 0:
@@ -109,233 +117,233 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
                           progress=progress, dist=dist)
     seconds["calibrate"] = round(time.perf_counter() - t0, 3)
-    manifest = {
-        "model": loaded.manifest_entry(),
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=loaded.manifest_entry(),
         # the checkpoint path is stored resolved so verify can reload the FP model from any directory
-        "model_config": {**dataclasses.asdict(model_cfg),
-                         "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
-        "recipe": recipe.to_dict(),
-        "keep_fp": list(cfg.keep_fp),
-        "quantized_modules": len(info.quantized),
-        "kept_fp_modules": info.kept_fp,
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "dfq_config": _effective_dfq(cfg),
-        "seed": cfg.seed,
-        "inputs": {"weights_sha256": loaded.weights_sha256,
-                   "calib_data": None if real is None else {"source": real.source, "images": len(real),
-                                                            "fingerprint": real.fingerprint()}},
-        "versions": library_versions(),
-        "seconds": seconds,
-        "calibration": summary,
-    }
+        model_config={**dataclasses.asdict(model_cfg),
+                      "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
+        recipe=recipe.to_dict(),
+        keep_fp=list(cfg.keep_fp),
+        quantized_modules=len(info.quantized),
+        kept_fp_modules=info.kept_fp,
+        method=cfg.method,
+        config=cfg.to_dict(),
+        dfq_config=effective_config(cfg.method, cfg.dfq_config()).to_dict(),
+        seed=cfg.seed,
+        inputs={"weights_sha256": loaded.weights_sha256,
+                "calib_data": None if real is None else {"source": real.source, "images": len(real),
+                                                         "fingerprint": real.fingerprint()}},
+        versions=library_versions(),
+        seconds=seconds,
+        calibration=summary,
+    )
     if dist.is_main:
-        save_quantized_checkpoint(out, qmodel, manifest)
+        save_quantized_checkpoint(out, qmodel, manifest.to_dict())
     dist.barrier("waiting for rank 0 to write the quantized checkpoint")  # no rank reports success before it
     distributed.teardown()
-    return manifest
-
-
-def _effective_dfq(cfg: CalibrateConfig) -> dict:
-    from maskaq_deploy.calib.dfq import effective_config
-
-    return effective_config(cfg.method, cfg.dfq_config()).to_dict()
+    return Run(out, manifest=manifest)
 
 
 def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
                 *, resume: bool, progress, dist=None) -> dict:
     """Calibrate (and, when the method fine-tunes, train) ``qmodel`` in place; return a summary."""
-    from maskaq_deploy.calib.dfq import run_calibration
-
     real_x = real_y = None
     if real is not None:
         batches = list(real.batches(cfg.batch_size))
         real_x = torch.cat([x for x, _ in batches])
         real_y = torch.cat([y for _, y in batches]) if batches and batches[0][1] is not None else None
+    events = None if progress is None else (lambda event: progress(ProgressEvent.from_dict(event)))
     return run_calibration(fp_model, qmodel, method=cfg.method, config=cfg.dfq_config(),
                            data_config=data_config, run_dir=out, real_images=real_x, real_labels=real_y,
-                           resume=resume, device=cfg.device, progress=progress, save_images=cfg.save_images,
+                           resume=resume, device=cfg.device, progress=events, save_images=cfg.save_images,
                            dist=dist)
 
 
-@torch.no_grad()
-def _logits(model, images: ImageSet, batch_size: int, device: str = "cpu"):
-    outs, labels = [], []
-    for x, y in images.batches(batch_size):
-        outs.append(model(x.to(device)).float().cpu())
-        if y is not None:
-            labels.append(y)
-    return torch.cat(outs), (torch.cat(labels) if labels else None)
+# ------------------------------------------------------------------------------------------------ stages
+
+def evaluate(run: Run, runtime: str = TORCH, *, artifact=None) -> RuntimeResult:
+    """Run the checkpoint (torch fake-quant) or one of its exported artifacts on the backend called
+    ``runtime`` over the run's validation images; compare with the full-precision model and, for an
+    artifact, with torch fake-quant (evaluated first when it was not yet). The logits stay in ``run.logits``."""
+    if runtime != TORCH and TORCH not in run.logits:
+        evaluate(run, TORCH)
+    what = deploy.artifact(run, runtime, artifact)
+    t0 = time.perf_counter()
+    logits = run.logits[runtime] = deploy.run_backend(runtime, what, run.val_images, run.batch_size)
+    run.seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
+    result = _score(run, logits, vs_torch=runtime != TORCH)
+    if runtime != TORCH:
+        result.artifact = Path(what).name
+    if runtime == ONNXRUNTIME:  # which QDQ flavour and float dtype ran
+        result.extra.update(deploy.graph_facts(what))
+    return result
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return round(100.0 * (logits.argmax(1) == labels).float().mean().item(), 4)
+def _score(run: Run, logits, *, vs_torch: bool) -> RuntimeResult:
+    """top-1 and agreement with the full-precision model; with ``vs_torch``, the comparison with torch."""
+    result = RuntimeResult(top1(logits, run.labels), round(agreement(run.fp_logits, logits), 6))
+    if vs_torch:
+        m = compare_logits(run.logits[TORCH], logits)
+        result.agreement_vs_torch = round(m["top1_agreement"], 6)
+        result.sqnr_db_vs_torch = round(m["sqnr_db"], 3) if m["sqnr_db"] != float("inf") else None
+        result.max_abs_diff_vs_torch = round(m["max_abs_diff"], 6)
+    return result
 
 
-def reload_fp_model(manifest: dict) -> LoadedModel:
-    """The full-precision model a quantized checkpoint was made from (for the accuracy comparison)."""
-    cfg_dict = dict(manifest.get("model_config") or {})
-    for key in ("mean", "std", "input_size"):
-        if cfg_dict.get(key) is not None:
-            cfg_dict[key] = tuple(cfg_dict[key])
+def sensitivity(run: Run, images: int = 64) -> dict:
+    """The report's per-layer sensitivity section, on ``images`` of the run's validation images."""
+    used = run.val_images.subset(images, seed=1)
+    t0 = time.perf_counter()
+    rows = layer_sensitivity(run.quantized, used)
+    run.seconds["sensitivity"] = round(time.perf_counter() - t0, 3)
+    return {"metric": METRIC, "images": len(used), "rows": rows}
+
+
+def gate(report: Report, limits: gate_mod.Thresholds) -> gate_mod.GateResult:
+    """The accuracy gate of ``limits`` on ``report`` (no thresholds: passed, no checks)."""
+    return gate_mod.evaluate_thresholds(report.to_dict(), limits)
+
+
+def render(run: Run, report: Report) -> tuple[Path, Path]:
+    """RUN/report.md and RUN/report.html of ``report`` (its sensitivity and latency tables included)."""
+    return write_reports(run.path, report.to_dict(), run.manifest.to_dict())
+
+
+def make_report(run: Run, results: dict[str, RuntimeResult], runtime: str) -> Report:
+    """The report of ``results`` ({runtime: result}); ``runtime``'s figures are the headline ones."""
+    m, main = run.manifest, results[runtime]
+    fp_top1 = top1(run.fp_logits, run.labels)
+    vs_torch = {k: getattr(main, k) for k in VS_TORCH_KEYS}
+    return Report(model=m.name, timm_name=m.timm_name, recipe=m.recipe_name, method=m.method, runtime=runtime,
+                  val_data=run.val_spec, fp_top1=fp_top1, quant_top1=main.top1,
+                  top1_drop=round(fp_top1 - main.top1, 4), agreement=main.agreement_vs_fp,
+                  num_eval_images=len(run.val_images), seconds={**m.seconds, **run.seconds}, runtimes=results,
+                  val_fingerprint=run.val_images.fingerprint(), **vs_torch)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a verify or build ends with: the report written, the gate's verdict, the human-readable files."""
+
+    report: Report
+    gate: gate_mod.GateResult
+    md_path: Path
+    html_path: Path
+
+
+def finish(run: Run, report: Report, *, limits: gate_mod.Thresholds | None = None, sensitivity_images: int = 64,
+           command: str | None = None) -> Outcome:
+    """End a verify/build: keep an earlier verify's runtimes of the same images, add the sensitivity table
+    (``sensitivity_images`` 0: none) and bench's latency table, apply the gate, write RUN/report.json (the one
+    write of the command), report.md and report.html. Never raises on a breach: the caller reads
+    ``.gate.passed`` (the CLI exits 4). A baseline refused here (other images) raises its UsageError after the
+    files are written, with ``gate`` null."""
+    report = Report.from_dict(merge_report(run.report_path, report.to_dict()))
+    if sensitivity_images > 0:
+        report.sensitivity = sensitivity(run, sensitivity_images)
+    report.latency = read_latency(run.path) or report.latency
+    report.seconds = {**report.seconds, **run.seconds}
+    report.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report.command = command
+    limits = limits if limits is not None else gate_mod.Thresholds()
+    refused = None
     try:
-        return load_model(ModelConfig(**cfg_dict))
-    except MaskAQError as e:
-        raise UsageError(f"cannot reload the full-precision model of this checkpoint: {e}") from None
+        result = gate(report, limits)
+    except UsageError as e:  # e.g. a baseline of other images: still leave json, md and html consistent
+        refused, result = e, gate_mod.GateResult(True, [])
+    report.gate = gate_mod.gate_entry(result, limits) if limits.active and refused is None else None
+    atomic_write_json(run.report_path, report.to_dict())
+    md, html = render(run, report)
+    if refused is not None:
+        raise refused
+    return Outcome(report, result, md, html)
 
 
-def evaluate_fp(manifest: dict, images: ImageSet, batch_size: int = 256):
-    fp = reload_fp_model(manifest)
-    return _logits(fp.model, images, batch_size)
+# ---------------------------------------------------------------------------------------------- commands
+
+def verify(run, val_data: str | None = None, *, runtime: str = TORCH, limit: int | None = None,
+           batch_size: int = 256, artifact=None, limits: gate_mod.Thresholds | None = None,
+           sensitivity_images: int = 64, command: str | None = None) -> Outcome:
+    """Evaluate the quantized checkpoint of ``run`` (a Run or its directory; torch fake-quant, and an exported
+    artifact on another runtime) against its full-precision model on ``val_data``; write RUN/report.json."""
+    run = Run.of(run, val_data=val_data, limit=limit, batch_size=batch_size)
+    results = {TORCH: evaluate(run, TORCH)}
+    if runtime != TORCH:
+        results[runtime] = evaluate(run, runtime, artifact=artifact)
+        if runtime == ONNXRUNTIME and artifact is None:
+            _other_flavours(run, results[runtime])
+    return finish(run, make_report(run, results, runtime), limits=limits, sensitivity_images=sensitivity_images,
+                  command=command)
 
 
-def verify(run_dir, val_data: str | None = None, *, runtime: str = "torch", limit: int | None = None,
-           batch_size: int = 256, artifact=None) -> dict:
-    """Evaluate the quantized checkpoint (torch fake-quant, or an exported artifact on another runtime)
-    against the full-precision model on ``val_data``; write and return RUN/report.json."""
-    from maskaq_deploy.calib import load_quantized_checkpoint
-    from maskaq_deploy.calib.checkpoint import atomic_write_json
-    from maskaq_deploy.report import merge_report
-
-    run_dir = Path(run_dir)
-    seconds = {}
-    t0 = time.perf_counter()
-    qmodel, manifest = load_quantized_checkpoint(run_dir)
-    model_cfg = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                               for k, v in (manifest.get("model_config") or {}).items()})
-    spec = default_data(model_cfg, "test", val_data, "--val-data")
-    images = load_image_set(spec, manifest["model"]["data_config"], "--val-data").subset(limit)
-    if images.labels is None or len(images) == 0:
-        raise DataError(f"--val-data {spec} holds no labelled images")
-    seconds["verify_load"] = round(time.perf_counter() - t0, 3)
-
-    t0 = time.perf_counter()
-    fp_logits, labels = evaluate_fp(manifest, images, batch_size)
-    seconds["eval_fp"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    torch_logits, _ = _logits(qmodel, images, batch_size)
-    seconds["eval_torch"] = round(time.perf_counter() - t0, 3)
-
-    results = {"torch": _runtime_result(torch_logits, labels, fp_logits)}
-    if runtime != "torch":
-        from maskaq_deploy.deploy import run_artifact
-
-        t0 = time.perf_counter()
-        art_logits, art_info = run_artifact(runtime, run_dir, artifact, images, batch_size, manifest)
-        seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
-        res = _runtime_result(art_logits, labels, fp_logits)
-        res.update(_vs_torch(art_logits, torch_logits))
-        res.update(art_info)
-        results[runtime] = res
-        if runtime == "onnxruntime" and artifact is None:  # the other export flavour's graph too
-            from maskaq_deploy.deploy import other_flavour_graphs
-
-            res["flavours"] = {res.get("flavour", "?"): {k: res[k] for k in res if k != "artifact"}}
-            for flavour, graph in other_flavour_graphs(run_dir, res.get("flavour")).items():
-                if isinstance(graph, str):  # why this flavour has no graph
-                    res["flavours"][flavour] = {"skipped": graph}
-                    continue
-                logits, info = run_artifact(runtime, run_dir, graph, images, batch_size, manifest)
-                res["flavours"][flavour] = {**_runtime_result(logits, labels, fp_logits),
-                                            **_vs_torch(logits, torch_logits), **info}
-
-    main = results[runtime]
-    report = {
-        "model": manifest["model"]["name"],
-        "timm_name": manifest["model"]["timm_name"],
-        "recipe": manifest["recipe"]["name"],
-        "method": manifest["method"],
-        "runtime": runtime,
-        "val_data": spec,
-        "fp_top1": top1(fp_logits, labels),
-        "quant_top1": main["top1"],
-        "top1_drop": round(top1(fp_logits, labels) - main["top1"], 4),
-        "agreement": main["agreement_vs_fp"],
-        "num_eval_images": len(images),
-        "seconds": {**manifest.get("seconds", {}), **seconds},
-        "runtimes": results,
-    }
-    for key in ("agreement_vs_torch", "sqnr_db_vs_torch", "max_abs_diff_vs_torch"):
-        if key in main:
-            report[key] = main[key]
-    report = merge_report(run_dir / REPORT_FILE, report)
-    atomic_write_json(run_dir / REPORT_FILE, report)
-    return report
-
-
-def _runtime_result(logits: torch.Tensor, labels: torch.Tensor, fp_logits: torch.Tensor) -> dict:
-    return {"top1": top1(logits, labels),
-            "agreement_vs_fp": round((logits.argmax(1) == fp_logits.argmax(1)).float().mean().item(), 6)}
-
-
-def _vs_torch(logits: torch.Tensor, torch_logits: torch.Tensor) -> dict:
-    err = (logits - torch_logits).double()
-    ref = torch_logits.double()
-    sqnr = 10 * torch.log10(ref.pow(2).sum() / err.pow(2).sum().clamp_min(1e-30))
-    return {"agreement_vs_torch": round((logits.argmax(1) == torch_logits.argmax(1)).float().mean().item(), 6),
-            "sqnr_db_vs_torch": round(float(sqnr), 3),
-            "max_abs_diff_vs_torch": round(float(err.abs().max()), 6)}
+def _other_flavours(run: Run, main: RuntimeResult) -> None:
+    """verify --runtime onnxruntime: the other export flavour's QDQ graph too (the run's model.qdq.onnx holds
+    one), each flavour's figures in ``main.extra["flavours"]``."""
+    done = main.extra.get("flavour")
+    flavours = {done or "?": {k: v for k, v in main.to_dict().items() if k != "artifact"}}
+    for flavour, graph in deploy.other_flavour_graphs(run, done).items():
+        if isinstance(graph, str):  # why this flavour has no graph (a recipe TensorRT cannot run)
+            flavours[flavour] = {"skipped": graph}
+            continue
+        logits = deploy.run_backend(ONNXRUNTIME, graph, run.val_images, run.batch_size)
+        flavours[flavour] = {**_score(run, logits, vs_torch=True).to_dict(), "artifact": graph.name,
+                             **deploy.graph_facts(graph)}
+    main.extra["flavours"] = flavours
 
 
 @dataclasses.dataclass
 class BuildResult:
-    report: dict
+    outcome: Outcome
     artifacts: list[str]
     engine_missing_reason: str | None = None
 
+    @property
+    def report(self) -> Report:
+        return self.outcome.report
 
-def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = "onnxruntime", force: bool = False,
+
+def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ONNXRUNTIME, force: bool = False,
           val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
           bundle_only: bool = False, progress=None, resume: bool = False,
+          limits: gate_mod.Thresholds | None = None, command: str | None = None,
           float_dtype: str | None = None) -> BuildResult:
-    """calibrate -> export (QDQ in the target's flavour) -> verify on the target's runtime -> TensorRT bundle
-    and engine. ``engine_missing_reason`` is set when the target is tensorrt and no engine could be built here."""
-    from maskaq_deploy.calib.dfq.distributed import env_world
-    from maskaq_deploy import deploy
-
-    if env_world()[1] > 1:
+    """calibrate -> export (QDQ in the target's flavour) -> evaluate on torch and the target's runtime ->
+    TensorRT bundle and engine -> sensitivity, gate, report (written once). ``engine_missing_reason`` is set
+    when the target is tensorrt and no engine could be built here. ``float_dtype``: the tensorrt graph's."""
+    if distributed.env_world()[1] > 1:
         err = UsageError("build runs in one process; for several processes launch 'torchrun ... -m maskaq_deploy "
                          "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
         err.mirrored = True  # every rank refuses alike: reported once
         raise err
-    out = Path(out)
     deploy.check_target(cfg.recipe, target)  # refuse before any work
     t0 = time.perf_counter()
-    calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
-    if target == "torch":
-        report = verify(out, val_data, limit=limit)
-        return BuildResult(report, _listing(out))
-    t1 = time.perf_counter()
-    exp = deploy.export_run(out, flavour=target, dynamic_batch=dynamic_batch, float_dtype=float_dtype)
-    export_s = round(time.perf_counter() - t1, 3)
-    if target == "tensorrt":
-        bad = deploy.conformance(exp.qdq_path)
-        if bad:
-            raise MaskAQError(f"the TensorRT-flavour graph breaks {len(bad)} explicit-quantization rule(s), first: "
-                              f"{bad[0]}; run 'maskaq-deploy inspect {exp.qdq_path}' for all")
-    report = verify(out, val_data, runtime="onnxruntime", limit=limit)
-    engine_reason = None
-    if target == "tensorrt":
-        from maskaq_deploy.calib import load_quantized_checkpoint
-
-        _, manifest = load_quantized_checkpoint(out)
-        images = load_image_set(report["val_data"], manifest["model"]["data_config"], "--val-data")
-        deploy.write_tensorrt_bundle(out, exp.qdq_path, images, manifest)
+    run = calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
+    run.choose_images(val_data, limit)
+    results, runtime, engine_reason = {TORCH: evaluate(run, TORCH)}, TORCH, None
+    if target != TORCH:
+        t1 = time.perf_counter()
+        exp = export(run, target, dynamic_batch=dynamic_batch, float_dtype=float_dtype)
+        run.seconds["export"] = round(time.perf_counter() - t1, 3)
+        if target == TENSORRT:
+            bad = deploy.conformance(exp.qdq_path)
+            if bad:
+                raise MaskAQError(f"the TensorRT-flavour graph breaks {len(bad)} explicit-quantization rule(s), "
+                                  f"first: {bad[0]}; run 'maskaq-deploy inspect {exp.qdq_path}' for all")
+        results[ONNXRUNTIME] = evaluate(run, ONNXRUNTIME)
+        runtime = ONNXRUNTIME
+    if target == TENSORRT:
+        deploy.write_tensorrt_bundle(run, exp.qdq_path)
         if not bundle_only:
-            engine, engine_reason = deploy.try_build_engine(out, exp.qdq_path)
+            engine, engine_reason = deploy.try_build_engine(run.path, exp.qdq_path)
             if engine is not None:
-                report = verify(out, val_data, runtime="tensorrt", limit=limit)
-    report["seconds"]["export"] = export_s
-    report["seconds"]["build_total"] = round(time.perf_counter() - t0, 3)
-    report["target"] = target
-    from maskaq_deploy.calib.checkpoint import atomic_write_json
-
-    atomic_write_json(out / REPORT_FILE, report)
-    return BuildResult(report, _listing(out), engine_reason)
-
-
-def _listing(out: Path) -> list[str]:
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir() if not p.name.startswith("."))
+                results[TENSORRT] = evaluate(run, TENSORRT)
+                runtime = TENSORRT
+    report = make_report(run, results, runtime)
+    report.target = target
+    run.seconds["build_total"] = round(time.perf_counter() - t0, 3)
+    outcome = finish(run, report, limits=limits, command=command)
+    return BuildResult(outcome, run.listing(), engine_reason)
 
 
 def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iterations: int = 30,
@@ -344,15 +352,11 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     dynamic batch when needed). Rows: batch, threads, median_ms, p90_ms, throughput (images/s)."""
     import onnx
 
-    from maskaq_deploy import deploy
-    from maskaq_deploy.runtimes.bench import benchmark
-    from maskaq_deploy.runtimes.ort_backend import OrtBackend
-
     path = Path(artifact)
     if path.is_dir():
         dyn = path / "model.qdq.dynamic.onnx"
         if not dyn.is_file():
-            deploy.export_run(path, flavour="onnxruntime", out=dyn, fp_too=False, dynamic_batch=True)
+            export(Run(path), ONNXRUNTIME, out=dyn, fp_too=False, dynamic_batch=True)
         path = dyn
     if not path.is_file():
         raise UsageError(f"{artifact} is neither an .onnx file nor a run directory")

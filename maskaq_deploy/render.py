@@ -18,11 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
+
 log = logging.getLogger(__name__)
 
 MD_FILE, HTML_FILE = "report.md", "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-RUNTIME_NAMES = {"torch": "torch fake-quant", "onnxruntime": "onnxruntime", "tensorrt": "TensorRT"}
+RUNTIME_NAMES = {TORCH: "torch fake-quant", ONNXRUNTIME: "onnxruntime", TENSORRT: "TensorRT"}
 LATENCY_COLUMNS = ("runtime", "artifact", "batch", "threads", "median_ms", "p90_ms", "throughput")
 MAX_SENSITIVITY_BARS = 24
 MAX_GRIDS = 4

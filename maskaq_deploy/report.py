@@ -1,9 +1,9 @@
-"""report.json: the machine-readable result of verify/build, merged across runtimes of the same run.
+"""report.json on disk: merging with an earlier verify of the same run, validating a report read back (a
+``--baseline``), and the latency table bench keeps beside it.
 
-The schema is versioned (``schema_version``) and every key is described in docs/report_schema.md. Adding a key
-keeps the version (readers ignore keys they do not know); renaming or removing a key, or changing what one
-means, increments it. ``finish_report`` is what every verify/build ends with: gate, sensitivity table,
-report.json, report.md and report.html.
+The schema is versioned (``records.REPORT_SCHEMA_VERSION``, with its rules) and every key is described in
+docs/report_schema.md; the record itself is ``records.Report``. Writing it is the last step of a verify or a
+build (``pipeline.finish``), once per command.
 """
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
+from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
 from maskaq_deploy.errors import UsageError
+from maskaq_deploy.records import REPORT_FILE, REPORT_SCHEMA_VERSION
+from maskaq_deploy.render import write_reports
 
 log = logging.getLogger(__name__)
 
-# 1: the undocumented first format. 2: documented; adds val_fingerprint, created, command, gate, sensitivity,
-# latency (all additive: a version-1 report is still a valid baseline).
-REPORT_SCHEMA_VERSION = 2
-REPORT_FILE = "report.json"
 LATENCY_FILE = "latency.json"  # bench rows, kept apart so a bench before the first verify is not lost
 # Keys a report must have to serve as a baseline: (key, accepted types).
 REQUIRED_KEYS = (("model", str), ("recipe", str), ("fp_top1", (int, float)), ("runtimes", dict),
@@ -97,75 +93,9 @@ def read_report(path, what: str = "--baseline") -> dict:
     return report
 
 
-@dataclass
-class FinishedReport:
-    report: dict
-    gate: object  # gate.GateResult
-    md_path: Path
-    html_path: Path
-
-
-def finish_report(run_dir, report: dict, *, limits=None, latency_rows: list[dict] | None = None,
-                  sensitivity_rows: list[dict] | None = None, sensitivity_images: int = 64,
-                  command: str | None = None) -> FinishedReport:
-    """End a verify/build: apply the gate (``limits``: gate.Thresholds, or None for no gate), add the
-    per-layer sensitivity table (computed on ``sensitivity_images`` validation images unless given; 0 skips
-    it), rewrite RUN/report.json, and write RUN/report.md and RUN/report.html. Never raises on a breach: the
-    caller reads ``.gate.passed`` (the CLI exits 4). A baseline refused here (other images) raises its
-    UsageError after the files are written, with ``gate`` null."""
-    from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
-    from maskaq_deploy import gate as gate_mod
-    from maskaq_deploy.render import write_reports
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    report = {**report, "schema_version": REPORT_SCHEMA_VERSION}
-    images = None
-    if "val_fingerprint" not in report or (sensitivity_rows is None and sensitivity_images > 0):
-        images = _val_images(report, manifest)
-        if images is not None:
-            report.setdefault("val_fingerprint", images.fingerprint())
-
-    limits = limits if limits is not None else gate_mod.Thresholds()
-    refused = None
-    try:
-        result = gate_mod.evaluate_thresholds(report, limits)
-    except UsageError as e:  # e.g. a baseline of other images: still leave json, md and html consistent
-        refused, result = e, gate_mod.GateResult(True, [])
-    report["gate"] = gate_mod.gate_entry(result, limits) if limits.active and refused is None else None
-
-    used = None
-    if sensitivity_rows is None and sensitivity_images > 0 and images is not None:
-        t0 = time.perf_counter()
-        used = images.subset(sensitivity_images, seed=1)
-        sensitivity_rows = _sensitivity(run_dir, used)
-        report["seconds"] = {**(report.get("seconds") or {}), "sensitivity": round(time.perf_counter() - t0, 3)}
-    if sensitivity_rows is not None:
-        from maskaq_deploy.sensitivity import METRIC
-
-        report["sensitivity"] = {"metric": METRIC, "images": None if used is None else len(used),
-                                 "rows": sensitivity_rows}
-    if latency_rows is None:
-        latency_rows = _read_latency(run_dir)
-    if latency_rows is not None:
-        report["latency"] = list(latency_rows)
-    report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if command:
-        report["command"] = command
-    atomic_write_json(run_dir / REPORT_FILE, report)
-    md, html = write_reports(run_dir, report, manifest, sensitivity_rows=sensitivity_rows,
-                             latency_rows=report.get("latency"))
-    if refused is not None:
-        raise refused
-    return FinishedReport(report, result, md, html)
-
-
 def record_latency(run_dir, rows: list[dict]) -> Path | None:
     """Keep bench's latency rows: RUN/latency.json always; when RUN/report.json exists, also its ``latency``
     key and a fresh report.md / report.html (gate and sensitivity as they were). Returns the report path."""
-    from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
-    from maskaq_deploy.render import write_reports
-
     run_dir = Path(run_dir)
     rows = [dict(r) for r in rows]
     atomic_write_json(run_dir / LATENCY_FILE, rows)
@@ -182,30 +112,9 @@ def record_latency(run_dir, rows: list[dict]) -> Path | None:
     return path
 
 
-def _read_latency(run_dir: Path) -> list[dict] | None:
+def read_latency(run_dir: Path) -> list[dict] | None:
     try:
         rows = json.loads((run_dir / LATENCY_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else None
-
-
-def _val_images(report: dict, manifest: dict):
-    """The images verify evaluated (same spec, same seeded subset), or None when they cannot be reloaded."""
-    from maskaq_deploy.data import load_image_set
-    from maskaq_deploy.errors import MaskAQError
-
-    try:
-        images = load_image_set(report["val_data"], manifest["model"]["data_config"], "--val-data")
-    except (MaskAQError, KeyError) as e:
-        log.warning("cannot reload the validation images for the report: %s", e)
-        return None
-    return images.subset(report.get("num_eval_images"))
-
-
-def _sensitivity(run_dir: Path, images) -> list[dict]:
-    from maskaq_deploy.calib import load_quantized_checkpoint
-    from maskaq_deploy.sensitivity import layer_sensitivity
-
-    qmodel, _ = load_quantized_checkpoint(run_dir)
-    return layer_sensitivity(qmodel, images)

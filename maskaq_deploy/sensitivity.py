@@ -16,7 +16,7 @@ input grid(s). "Float" here is the checkpoint's own weights with quantization of
 ``suggest_keep_fp`` turns the table into a ``--keep-fp`` list: greedily switch the worst layers to float
 (disabling their quantizers; no recalibration) until the torch fake-quant top-1 drop against the original
 full-precision model is <= ``max_drop``; a layer whose float version does not lower the drop is switched back
-(see ``_greedy``). The search runs on a seeded subset of the validation images (2000 by default: on a subset
+(see ``greedy_float_search``). The search runs on a seeded subset of the validation images (2000 by default: on a subset
 of 500 a single image is 0.2 points, as coarse as a typical budget); the result is then measured on the full
 set, and the search continues there if the subset was optimistic. The
 rebuild with ``--keep-fp`` recalibrates the remaining quantizers, so its drop can differ a little from the
@@ -29,31 +29,33 @@ import fnmatch
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from maskaq_deploy.calib.checkpoint import atomic_write_json
+from maskaq_deploy.calib.qmodules import QuantConv2d, QuantLinear, QuantMatMul
+from maskaq_deploy.calib.quantize import iter_quantizers, quantizers_enabled
+from maskaq_deploy.data import ImageSet
+from maskaq_deploy.errors import DataError, UsageError
+from maskaq_deploy.gate import TOLERANCE
+from maskaq_deploy.run import Run, model_logits, top1
+from maskaq_deploy.runtimes.compare import Energy
 
 log = logging.getLogger(__name__)
 
 METRIC = "isolated layer-output SQNR (only that layer quantized, float input), dB; worst first"
 SENSITIVITY_FILE = "sensitivity.json"
-TOLERANCE = 1e-9
 
 
 def quantized_layers(qmodel: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every quantized module that owns at least one quantizer, in forward order."""
-    from maskaq_deploy.calib.qmodules import QuantConv2d, QuantLinear, QuantMatMul
-    from maskaq_deploy.calib.quantize import iter_quantizers
-
     return [(name, mod) for name, mod in qmodel.named_modules()
             if isinstance(mod, (QuantLinear, QuantConv2d, QuantMatMul)) and any(True for _ in iter_quantizers(mod))]
 
 
 def _batches(images, batch_size: int, limit: int | None):
     """Image tensors from an ImageSet, a tensor [N, C, H, W], or an iterable of tensors / (images, labels)."""
-    from maskaq_deploy.data import ImageSet
-
     if isinstance(images, ImageSet):
         yield from (x for x, _ in images.subset(limit).batches(batch_size))
         return
@@ -73,23 +75,11 @@ def _batches(images, batch_size: int, limit: int | None):
             yield x
 
 
-class _Energy:
-    """Running sums for an SQNR over many batches (float64: thousands of images of squared activations)."""
-
-    def __init__(self):
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def add(self, ref: torch.Tensor, test: torch.Tensor) -> None:
-        ref = ref.detach().double()
-        self.signal += float(ref.pow(2).sum())
-        self.noise += float((test.detach().double() - ref).pow(2).sum())
-
-    def db(self) -> float | None:
-        """None when the quantized values are exactly the float ones (nothing to keep in float)."""
-        if self.noise == 0.0:
-            return None
-        return round(10.0 * math.log10(max(self.signal, 1e-30) / self.noise), 3)
+def _db(energy: Energy) -> float | None:
+    """The SQNR rounded as report.json keeps it; None when the quantized values are exactly the float ones
+    (nothing to keep in float)."""
+    v = energy.db()
+    return None if v == math.inf else round(v, 3)
 
 
 def _sort_key(row: dict):
@@ -117,11 +107,9 @@ def layer_sensitivity(qmodel: nn.Module, images, limit: int | None = None, *, ba
     (Linear / Conv2d / MatMul), ``bits`` (e.g. "w4a4"), ``sqnr_db`` (None: exact), ``weight_sqnr_db``,
     ``act_sqnr_db``, ``index`` (position in forward order).
     """
-    from maskaq_deploy.calib.quantize import iter_quantizers, quantizers_enabled
-
     layers = quantized_layers(qmodel)
-    out_e = {name: _Energy() for name, _ in layers}
-    act_e = {name: _Energy() for name, _ in layers}
+    out_e = {name: Energy() for name, _ in layers}
+    act_e = {name: Energy() for name, _ in layers}
     handles = []
 
     def make_hook(name):
@@ -160,23 +148,21 @@ def layer_sensitivity(qmodel: nn.Module, images, limit: int | None = None, *, ba
         wq = getattr(mod, "weight_quantizer", None)
         w_db = None
         if wq is not None:
-            e = _Energy()
+            e = Energy()
             with quantizers_enabled(mod, True):
                 e.add(mod.weight, wq(mod.weight))
-            w_db = e.db()
+            w_db = _db(e)
         acts = [getattr(mod, a) for a, _ in ACT_QUANTIZERS if getattr(mod, a, None) is not None]
         w_bits = wq.bits if wq is not None else None
         a_bits = acts[0].bits if acts else None
         rows.append({"layer": name, "kind": _kind(mod), "bits": _bits(w_bits, a_bits),
-                     "sqnr_db": out_e[name].db(), "weight_sqnr_db": w_db,
-                     "act_sqnr_db": act_e[name].db() if acts else None, "index": index})
+                     "sqnr_db": _db(out_e[name]), "weight_sqnr_db": w_db,
+                     "act_sqnr_db": _db(act_e[name]) if acts else None, "index": index})
     rows.sort(key=_sort_key)
     return [{"rank": rank, **row} for rank, row in enumerate(rows, 1)]
 
 
 def _kind(mod: nn.Module) -> str:
-    from maskaq_deploy.calib.qmodules import QuantConv2d, QuantLinear
-
     return "Linear" if isinstance(mod, QuantLinear) else "Conv2d" if isinstance(mod, QuantConv2d) else "MatMul"
 
 
@@ -186,8 +172,6 @@ def _bits(w_bits, a_bits) -> str:
 
 def set_layers_float(qmodel: nn.Module, names, enabled: bool = False) -> None:
     """Switch the quantizers of the named modules off (float) or back on."""
-    from maskaq_deploy.calib.quantize import iter_quantizers
-
     for name in names:
         for _, q in iter_quantizers(qmodel.get_submodule(name)):
             q.enabled = enabled
@@ -235,41 +219,33 @@ class KeepFpSuggestion:
         return asdict(self)
 
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    from maskaq_deploy.pipeline import top1
-
-    return top1(logits, labels)
-
-
-def suggest_keep_fp(run_dir, val_images=None, max_drop: float = 1.0, *, rows: list[dict] | None = None,
+def suggest_keep_fp(run, val_images=None, max_drop: float = 1.0, *, rows: list[dict] | None = None,
                     search_images: int = 2000, limit: int | None = None, batch_size: int = 256,
                     sensitivity_images: int = 256) -> KeepFpSuggestion:
-    """Greedy --keep-fp search on the checkpoint in ``run_dir`` (see the module docstring).
+    """Greedy --keep-fp search on the checkpoint of ``run`` (a Run or its directory; see the module docstring).
 
-    ``val_images``: an ImageSet, a --val-data spec, or None (the embedded test set for the embedded model).
-    ``rows``: a ``layer_sensitivity`` table to follow (computed on the search subset when None).
+    ``val_images``: an ImageSet, a --val-data spec, or None (the run's validation images: the embedded test set
+    for the embedded model). ``rows``: a ``layer_sensitivity`` table to follow (computed on the search subset
+    when None). The checkpoint's quantizers are switched in place: pass a Run whose model is not needed after.
     """
-    from maskaq_deploy.calib import load_quantized_checkpoint
-    from maskaq_deploy.errors import UsageError
-    from maskaq_deploy.pipeline import _logits, reload_fp_model
-
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
         raise UsageError(f"--max-drop {max_drop} must be a finite number of points >= 0, e.g. --max-drop 1")
-    qmodel, manifest = load_quantized_checkpoint(run_dir)
-    images = _val_images(val_images, manifest).subset(limit)
+    run = Run.of(run, val_data=None if isinstance(val_images, ImageSet) else val_images)
+    qmodel, manifest = run.quantized, run.manifest
+    images = _val_images(run, val_images).subset(limit)
     search = images.subset(search_images, seed=1)
     if rows is None:
         rows = layer_sensitivity(qmodel, search, limit=sensitivity_images)
 
-    fp_model = reload_fp_model(manifest).model  # the original FP model: the checkpoint may be fine-tuned
-    fp_logits, labels = _logits(fp_model, images, batch_size)
-    fp_top1 = _top1(fp_logits, labels)
+    fp_model = run.fp_model.model  # the original FP model: the checkpoint may be fine-tuned
+    fp_logits, labels = model_logits(fp_model, images, batch_size)
+    fp_top1 = top1(fp_logits, labels)
 
     def drop(imgs, fp_ref) -> float:
-        q_logits, lbl = _logits(qmodel, imgs, batch_size)
-        return round(_top1(fp_ref, lbl) - _top1(q_logits, lbl), 4)
+        q_logits, lbl = model_logits(qmodel, imgs, batch_size)
+        return round(top1(fp_ref, lbl) - top1(q_logits, lbl), 4)
 
-    q_before = _top1(_logits(qmodel, images, batch_size)[0], labels)
+    q_before = top1(model_logits(qmodel, images, batch_size)[0], labels)
     drop_before = round(fp_top1 - q_before, 4)
     added: list[str] = []
     steps: list[dict] = []
@@ -277,24 +253,25 @@ def suggest_keep_fp(run_dir, val_images=None, max_drop: float = 1.0, *, rows: li
     if drop_before > max_drop + TOLERANCE:
         order = [r["layer"] for r in rows]
         if len(search) < len(images):  # search on the subset, then confirm on the full set
-            fp_search = _logits(fp_model, search, batch_size)[0]
-            added, _ = _greedy(qmodel, order, lambda: drop(search, fp_search), drop(search, fp_search),
-                               max_drop, steps, len(search))
+            fp_search = model_logits(fp_model, search, batch_size)[0]
+            added, _ = greedy_float_search(qmodel, order, lambda: drop(search, fp_search),
+                                           drop(search, fp_search), max_drop, steps, len(search))
             current = drop(images, fp_logits)
             steps.append({"layer": None, "kept": len(added), "drop": current, "images": len(images),
                           "accepted": True})
         # on the full set: everything when there is no subset, or as long as the subset was optimistic
-        more, current = _greedy(qmodel, [n for n in order if n not in added], lambda: drop(images, fp_logits),
-                                current, max_drop, steps, len(images), start=len(added))
+        rest = [n for n in order if n not in added]
+        more, current = greedy_float_search(qmodel, rest, lambda: drop(images, fp_logits), current, max_drop, steps,
+                                            len(images), start=len(added))
         added += more
     all_layers = [n for n, _ in quantized_layers(qmodel)]  # quantizers switched off still count
-    existing = list(manifest.get("keep_fp") or [])
+    existing = list(manifest.keep_fp or [])
     patterns = existing + [p for p in compress_patterns(added, all_layers) if p not in existing]
     return KeepFpSuggestion(patterns, added, float(max_drop), fp_top1, q_before, drop_before, current,
                             current <= max_drop + TOLERANCE, len(images), len(search), steps)
 
 
-def _greedy(qmodel, order: list[str], measure, current: float, max_drop: float, steps: list, n: int,
+def greedy_float_search(qmodel, order: list[str], measure, current: float, max_drop: float, steps: list, n: int,
             start: int = 0) -> tuple[list[str], float]:
     """Switch layers of ``order`` to float until ``measure()`` (the top-1 drop) is within ``max_drop``.
 
@@ -323,41 +300,29 @@ def _greedy(qmodel, order: list[str], measure, current: float, max_drop: float, 
     return added, current
 
 
-def _val_images(val_images, manifest: dict):
-    from maskaq_deploy.data import ImageSet, load_image_set
-    from maskaq_deploy.errors import DataError
-    from maskaq_deploy.models import ModelConfig
-    from maskaq_deploy.pipeline import default_data
-
-    if isinstance(val_images, ImageSet):
-        images = val_images
-    else:
-        name = (manifest.get("model_config") or {}).get("name") or manifest["model"]["name"]
-        spec = default_data(ModelConfig(name=name), "test", val_images, "--val-data")
-        images = load_image_set(spec, manifest["model"]["data_config"], "--val-data")
-    if images.labels is None or len(images) == 0:
-        raise DataError(f"--val-data {images.source} holds no labelled images")
-    return images
+def _val_images(run: Run, given) -> ImageSet:
+    """``given`` when it is an ImageSet (checked for labels), else the run's validation images."""
+    if not isinstance(given, ImageSet):
+        return run.val_images
+    if given.labels is None or len(given) == 0:
+        raise DataError(f"--val-data {given.source} holds no labelled images")
+    return given
 
 
-def analyze(run_dir, val_data=None, *, max_drop: float = 1.0, limit: int | None = None,
+def analyze(run, val_data=None, *, max_drop: float = 1.0, limit: int | None = None,
             search_images: int = 2000, sensitivity_images: int = 256, batch_size: int = 256) -> dict:
     """What ``maskaq-deploy sensitivity RUN`` does: the per-layer table and the --keep-fp suggestion, also
     written to RUN/sensitivity.json. Returns that dict ({"rows", "suggestion", ...})."""
-    from maskaq_deploy.calib import load_quantized_checkpoint
-    from maskaq_deploy.calib.checkpoint import atomic_write_json
-
-    run_dir = Path(run_dir)
-    qmodel, manifest = load_quantized_checkpoint(run_dir)
-    images = _val_images(val_data, manifest).subset(limit)
-    rows = layer_sensitivity(qmodel, images.subset(search_images, seed=1), limit=sensitivity_images)
-    suggestion = suggest_keep_fp(run_dir, images, max_drop, rows=rows, search_images=search_images,
+    run = Run.of(run, val_data=val_data, limit=limit)
+    images = run.val_images
+    rows = layer_sensitivity(run.quantized, images.subset(search_images, seed=1), limit=sensitivity_images)
+    suggestion = suggest_keep_fp(run, images, max_drop, rows=rows, search_images=search_images,
                                  batch_size=batch_size)
     result = {"metric": METRIC, "val_data": images.source, "images": min(len(images), search_images,
                                                                           sensitivity_images),
-              "model": manifest["model"]["name"], "recipe": manifest["recipe"]["name"],
+              "model": run.manifest.name, "recipe": run.manifest.recipe_name,
               "rows": rows, "suggestion": suggestion.to_dict()}
-    atomic_write_json(run_dir / SENSITIVITY_FILE, result)
+    atomic_write_json(run.path / SENSITIVITY_FILE, result)
     return result
 
 

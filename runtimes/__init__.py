@@ -2,15 +2,19 @@
 
 from maskaq_deploy.runtimes.base import Backend
 from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
-from maskaq_deploy.runtimes.compare import compare_logits, sqnr_db
+from maskaq_deploy.runtimes.compare import Energy, agreement, compare_logits, sqnr_db
 from maskaq_deploy.runtimes.bench import benchmark, benchmark_interleaved, time_runs
 from maskaq_deploy.runtimes.ort_backend import OrtBackend, available_providers
 from maskaq_deploy.runtimes.torch_backend import TorchBackend
+from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
+from maskaq_deploy.runtimes.registry import BACKENDS, ONNXRUNTIME, RUNTIMES, TENSORRT, TORCH, get_backend
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailable",
+    "Energy",
+    "agreement",
     "compare_logits",
     "sqnr_db",
     "benchmark",
@@ -19,4 +23,11 @@ __all__ = [
     "OrtBackend",
     "available_providers",
     "TorchBackend",
+    "TensorRTBackend",
+    "BACKENDS",
+    "RUNTIMES",
+    "TORCH",
+    "ONNXRUNTIME",
+    "TENSORRT",
+    "get_backend",
 ]

@@ -39,7 +39,14 @@ def plan_batches(n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
 SUPPORTED_MAJORS = (10, 11)
 
 
-def _import_tensorrt():
+def version_major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def import_tensorrt():
     """The tensorrt module, or BackendUnavailable saying what is missing (package, version, GPU)."""
     try:
         import tensorrt as trt
@@ -47,8 +54,8 @@ def _import_tensorrt():
         raise BackendUnavailable(f"the tensorrt Python package is not importable ({e}); install TensorRT 10.x "
                                  "or 11.x on the device (pip install 'maskaq-deploy[tensorrt]')") from None
     version = getattr(trt, "__version__", "0")
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) not in SUPPORTED_MAJORS:
-        raise BackendUnavailable(f"TensorRT {version} found; this backend needs TensorRT 10.x or 11.x")
+    if version_major(version) not in SUPPORTED_MAJORS:
+        raise BackendUnavailable(f"TensorRT {version} found; this tool needs TensorRT 10.x or 11.x")
     import torch
 
     if not torch.cuda.is_available():
@@ -56,7 +63,7 @@ def _import_tensorrt():
     return trt
 
 
-def _make_logger(trt):
+def make_logger(trt):
     """A TensorRT logger that forwards to ``logging`` and keeps the errors for exception messages."""
 
     class _Logger(trt.ILogger):
@@ -70,6 +77,8 @@ def _make_logger(trt):
                 log.error("tensorrt: %s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
                 log.warning("tensorrt: %s", msg)
+            else:
+                log.debug("tensorrt: %s", msg)
 
     return _Logger()
 
@@ -99,7 +108,7 @@ class TensorRTBackend(Backend):
         its engine file exists; else (False, why). Whether the engine fits this TensorRT version and GPU is
         only known once it is deserialized (on enter)."""
         try:
-            _import_tensorrt()
+            import_tensorrt()
         except BackendUnavailable as e:
             return False, str(e)
         if isinstance(self_or_cls, TensorRTBackend) and not self_or_cls.engine_path.is_file():
@@ -110,8 +119,8 @@ class TensorRTBackend(Backend):
     def _load(self) -> None:
         import torch
 
-        trt = _import_tensorrt()
-        self._logger = _make_logger(trt)
+        trt = import_tensorrt()
+        self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):  # TensorRT works on the current CUDA device
             engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())

@@ -39,11 +39,6 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.double(), test.double()
-    return float(20 * torch.log10(ref.norm() / (ref - test).norm().clamp_min(1e-30)))
-
-
 @pytest.fixture
 def tiny_vit():
     import timm

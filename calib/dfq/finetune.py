@@ -107,7 +107,7 @@ def finetune_epoch(teacher: nn.Module, student: nn.Module, opt: torch.optim.Opti
             x = resized_crop_flip(x, cfg.ft_crop_min, cfg.ft_flip, gen)
             share = 1.0
             if world > 1:
-                x, y, share = _local_slice(x, y, rank, world)
+                x, y, share = local_slice(x, y, rank, world)
             step = epoch * per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total)
@@ -136,7 +136,7 @@ def finetune_epoch(teacher: nn.Module, student: nn.Module, opt: torch.optim.Opti
     return {k: float(v) / per_epoch for k, v in sums.items()}
 
 
-def _local_slice(x: torch.Tensor, y: torch.Tensor | None, rank: int, world: int):
+def local_slice(x: torch.Tensor, y: torch.Tensor | None, rank: int, world: int):
     """This rank's contiguous part of the global batch and its share of it. A rank left with no image (a last
     batch smaller than the world) still runs one image with share 0, so that it joins the gradient all-reduce."""
     bounds = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]

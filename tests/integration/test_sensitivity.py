@@ -12,7 +12,8 @@ from maskaq_deploy.calib import iter_quantizers, load_quantized_checkpoint
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import load_image_set
 from maskaq_deploy.models import ModelConfig
-from maskaq_deploy.pipeline import _logits, calibrate, top1
+from maskaq_deploy.pipeline import calibrate
+from maskaq_deploy.run import model_logits, top1
 from maskaq_deploy.sensitivity import (
     SENSITIVITY_FILE,
     TABLE_COLUMNS,
@@ -105,6 +106,7 @@ def test_no_search_when_the_budget_is_already_met(run):
     assert s.fp_top1 == 100.0 and s.drop_before == s.drop_after == pytest.approx(100.0 - s.quant_top1_before)
 
 
+@pytest.mark.slow
 def test_greedy_search_meets_the_budget_and_the_figure_is_reproducible(run):
     d, _ = run
     s = suggest_keep_fp(d / "run", str(d / "val.npz"), max_drop=0.0, search_images=32)
@@ -114,21 +116,21 @@ def test_greedy_search_meets_the_budget_and_the_figure_is_reproducible(run):
     # the reported drop is what the model gives with exactly those layers in float
     qmodel, _, images = load(d)
     set_layers_float(qmodel, s.added)
-    logits, labels = _logits(qmodel, images, 64)
+    logits, labels = model_logits(qmodel, images, 64)
     assert 100.0 - top1(logits, labels) == pytest.approx(s.drop_after)
     assert s.patterns[0] == "blocks.1.attn.av_matmul"
     json.dumps(s.to_dict())
 
 
 def test_greedy_keeps_only_the_layers_that_help(run):
-    from maskaq_deploy.sensitivity import _greedy
+    from maskaq_deploy.sensitivity import greedy_float_search
 
     d, _ = run
     qmodel, _, _ = load(d)
     a, b, c, e = [n for n, _ in quantized_layers(qmodel)][:4]
     scripted = iter([2.0, 2.2, 1.0, 0.4])  # b makes it worse: switched back; e meets the budget
     steps = []
-    added, drop = _greedy(qmodel, [a, b, c, e], lambda: next(scripted), 2.5, 0.5, steps, 100)
+    added, drop = greedy_float_search(qmodel, [a, b, c, e], lambda: next(scripted), 2.5, 0.5, steps, 100)
     assert added == [a, c, e] and drop == 0.4
     assert [s["accepted"] for s in steps] == [True, False, True, True] and steps[-1]["kept"] == 3
     enabled = {n: all(q.enabled for _, q in iter_quantizers(qmodel.get_submodule(n))) for n in (a, b, c, e)}
@@ -136,7 +138,7 @@ def test_greedy_keeps_only_the_layers_that_help(run):
     # nothing helps: the second pass keeps the rejected layers in order until the budget is met
     qmodel, _, _ = load(d)
     scripted = iter([3.0, 3.0, 3.0, 0.9, 0.2])
-    added, drop = _greedy(qmodel, [a, b, c], lambda: next(scripted), 2.5, 0.5, steps := [], 100)
+    added, drop = greedy_float_search(qmodel, [a, b, c], lambda: next(scripted), 2.5, 0.5, steps := [], 100)
     assert added == [a, b] and drop == 0.2 and [s["accepted"] for s in steps] == [False] * 3 + [True] * 2
 
 
@@ -144,9 +146,9 @@ def test_a_rebuild_with_the_suggestion_quantizes_nothing_it_names(run, tmp_path)
     d, cfg = run
     s = suggest_keep_fp(d / "run", str(d / "val.npz"), max_drop=5.0)
     manifest = calibrate(cfg, CalibrateConfig(method="real", recipe="w4a4", calib_data=str(d / "val.npz"),
-                                              num_images=32, keep_fp=tuple(s.patterns)), tmp_path / "rebuilt")
-    assert set(s.added) <= set(manifest["kept_fp_modules"])
-    assert manifest["quantized_modules"] == 11 - len(s.added)
+                                              num_images=32, keep_fp=tuple(s.patterns)), tmp_path / "rebuilt").manifest
+    assert set(s.added) <= set(manifest.kept_fp_modules)
+    assert manifest.quantized_modules == 11 - len(s.added)
 
 
 def test_analyze_writes_sensitivity_json(run):

@@ -22,7 +22,8 @@ from maskaq_deploy.calib import (
 from maskaq_deploy.calib.calibrate import batches_forward_loop
 from maskaq_deploy.calib.qmodules import QuantAttention, QuantLinear, QuantMatMul, QuantWindowAttention
 from maskaq_deploy.calib.recipes import load_recipe_toml
-from tests.conftest import TINY_VIT, sqnr_db
+from maskaq_deploy.runtimes.compare import sqnr_db
+from tests.conftest import TINY_VIT
 
 FAMILIES = {
     "vit": ("vit_tiny_patch16_224", TINY_VIT, 32),

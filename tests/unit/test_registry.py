@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maskaq_deploy.export.errors import TargetError, UnsupportedOpError
 from maskaq_deploy.export.int4 import int4_initializer_to_array, make_int4_initializer, pack_matmulnbits, unpack_nibbles
-from maskaq_deploy.export.onnx_export import MARKER_DOMAIN, MARKER_OP, _register_marker_schema
+from maskaq_deploy.export.onnx_export import MARKER_DOMAIN, MARKER_OP, register_marker_schema
 from maskaq_deploy.export.qdq import ActParams, WeightParams, insert_qdq
 from maskaq_deploy.export.registry import REGISTRY, InputKind, OpRule, quantized_op_types, register, rule_for
 from maskaq_deploy.runtimes.compare import sqnr_db
@@ -62,7 +62,7 @@ def _marker(src, qname):
 
 
 def _graph(nodes, inits, opset=20, x_shape=(B, T, K), out_shape=(B, T, N)):
-    _register_marker_schema()
+    register_marker_schema()
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, list(x_shape))],
                           [helper.make_tensor_value_info("y", F, list(out_shape))], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MARKER_DOMAIN, 1)])

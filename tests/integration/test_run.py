@@ -1,0 +1,169 @@
+"""The Run handle: each file of a run read once per command, report.json written once, at the end; a model
+without weights exported as one network; typed records that round-trip."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import maskaq_deploy.calib.checkpoint as checkpoint
+import maskaq_deploy.run as run_mod
+from maskaq_deploy import pipeline
+from maskaq_deploy.cli import cli
+from maskaq_deploy.records import Manifest, ProgressEvent, Report
+from maskaq_deploy.run import Run
+from maskaq_deploy.runtimes import BackendError, get_backend
+from maskaq_deploy.sensitivity import quantized_layers
+from tests.conftest import TINY_VIT
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of checkpoint tensor reads (by file name), atomic writes (by file name) and FP model builds."""
+    counts = Counter()
+    load_file, atomic_path, load_model = checkpoint.load_file, checkpoint.atomic_path, run_mod.load_model
+
+    def counting_load_file(path, *a, **kw):
+        counts["read " + Path(path).name] += 1
+        return load_file(path, *a, **kw)
+
+    def counting_atomic_path(path):
+        counts["write " + Path(path).name] += 1
+        return atomic_path(path)
+
+    def counting_load_model(cfg):
+        counts["fp model"] += 1
+        return load_model(cfg)
+
+    monkeypatch.setattr(checkpoint, "load_file", counting_load_file)
+    monkeypatch.setattr(checkpoint, "atomic_path", counting_atomic_path)
+    monkeypatch.setattr(run_mod, "load_model", counting_load_model)
+    return counts
+
+
+def test_bundle_only_build_reads_the_checkpoint_once_and_writes_the_report_once(tmp_path, counted):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["build", "--recipe", "w8a8", "--target", "tensorrt", "--bundle-only", "--out",
+                                 str(out), "--method", "real", "--num-images", "16", "--limit", "64", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert counted["read model.safetensors"] == 1 and counted["read quant.safetensors"] == 1
+    assert counted["fp model"] == 1  # rebuilt once after calibration, for model.onnx and the FP reference
+    assert counted["write report.json"] == 1
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runtimes"]) == {"torch", "onnxruntime"} and report["target"] == "tensorrt"
+    assert (out / "bundle" / "manifest.json").is_file() and (out / "report.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory):
+    """A tiny timm ViT without --checkpoint or --pretrained: random weights drawn under calibrate's seed."""
+    d = tmp_path_factory.mktemp("random")
+    rng = np.random.default_rng(0)
+    np.savez_compressed(d / "val.npz", images=rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8),
+                        labels=rng.integers(0, 10, 24))
+    r = CliRunner().invoke(cli, ["calibrate", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                                 json.dumps(TINY_VIT), "--method", "real", "--calib-data", str(d / "val.npz"),
+                                 "--num-images", "16", "--seed", "7", "--out", str(d / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _float_initializers(path: Path) -> dict:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT and t.dims and np.prod(t.dims) >= 64}
+
+
+def test_a_model_without_weights_exports_the_same_network_twice(random_run):
+    """model.onnx (rebuilt FP model) and model.qdq.onnx (the checkpoint) hold the same weights: the FP model
+    is redrawn under the manifest's seed. Independent draws would differ by ~1.4x their norm."""
+    r = CliRunner().invoke(cli, ["export", str(random_run / "run"), "--for", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    fp = _float_initializers(random_run / "run" / "model.onnx")
+    qdq = _float_initializers(random_run / "run" / "model.qdq.onnx")
+    by_shape = {}
+    for name, a in fp.items():
+        by_shape.setdefault(a.shape, []).append(a)
+    # pos_embed (1, 17, 64), cls_token and the other float tensors both graphs keep (1-D float tensors of the
+    # QDQ graph are also the quantizers' scales): each QDQ one has its twin
+    shared = [a for a in qdq.values() if a.ndim >= 2 and a.shape in by_shape]
+    assert any(a.shape == (1, 17, 64) for a in shared)
+    for a in shared:
+        assert any(np.array_equal(a, b) for b in by_shape[a.shape]), a.shape
+    # and the torch side: the FP model's weights are the checkpoint's (method real does not fine-tune)
+    run = Run(random_run / "run")
+    fp_state = run.fp_model.model.state_dict()
+    for key, value in run.quantized.state_dict().items():
+        if key in fp_state and "quantizer" not in key:
+            assert (fp_state[key] == value).all(), key
+
+
+def test_verify_fails_halfway_and_leaves_the_previous_report(random_run, monkeypatch):
+    run_dir, val = random_run / "run", str(random_run / "val.npz")
+    first = pipeline.verify(run_dir, val, sensitivity_images=0)
+    before = (run_dir / "report.json").read_bytes()
+    assert json.loads(before) == first.report.to_dict()
+
+    def broken(*a, **kw):
+        raise RuntimeError("the sensitivity stage failed")
+
+    monkeypatch.setattr(pipeline, "sensitivity", broken)
+    with pytest.raises(RuntimeError, match="sensitivity stage failed"):
+        pipeline.verify(run_dir, val, sensitivity_images=8)
+    assert (run_dir / "report.json").read_bytes() == before
+
+
+def test_the_stages_share_one_run(random_run, counted):
+    run = Run(random_run / "run", val_data=str(random_run / "val.npz"))
+    torch_result = pipeline.evaluate(run, "torch")
+    ort_result = pipeline.evaluate(run, "onnxruntime")  # RUN/model.qdq.onnx from the test above, or exported
+    section = pipeline.sensitivity(run, 8)
+    assert counted["read model.safetensors"] == 1 and counted["fp model"] == 1
+    assert torch_result.agreement_vs_torch is None and ort_result.agreement_vs_torch >= 0.95
+    assert ort_result.sqnr_db_vs_torch >= 30.0 and ort_result.artifact == "model.qdq.onnx"
+    assert section["images"] == 8 and len(section["rows"]) == len(quantized_layers(run.quantized))
+
+
+def test_records_round_trip_and_keep_unknown_keys(random_run):
+    raw = json.loads((random_run / "run" / "manifest.json").read_text())
+    m = Manifest.from_dict({**raw, "from_a_newer_tool": 1})
+    assert m.seed == 7 and m.recipe_name == "w8a8" and m.extra == {"from_a_newer_tool": 1}
+    assert Manifest.from_dict(m.to_dict()) == m and m.to_dict()["from_a_newer_tool"] == 1
+    pipeline.verify(random_run / "run", str(random_run / "val.npz"), sensitivity_images=4)
+    report = json.loads((random_run / "run" / "report.json").read_text())
+    r = Report.from_dict(report)
+    assert r.to_dict() == report and r.runtimes["torch"].top1 == report["runtimes"]["torch"]["top1"]
+    v1 = {"model": "m", "recipe": "w8a8", "fp_top1": 90.0, "num_eval_images": 10, "schema_version": 1,
+          "runtimes": {"torch": {"top1": 89.0, "agreement_vs_fp": 0.9}}}
+    assert Report.from_dict(v1).to_dict()["runtimes"] == v1["runtimes"]
+    e = ProgressEvent.from_dict({"stage": "synthesis", "step": 3, "total": 10, "losses": {"ce": 1.5}})
+    assert e.key == "synthesis" and ProgressEvent.from_dict(e.to_dict()) == e
+
+
+def test_an_unknown_backend_is_one_line_listing_the_known_ones():
+    with pytest.raises(BackendError) as e:
+        get_backend("openvino")
+    assert str(e.value) == "unknown runtime 'openvino'; available: torch, onnxruntime, tensorrt"
+
+
+def test_a_run_directory_with_a_sparser_manifest_still_verifies(random_run, tmp_path):
+    """Manifests keep schema version 1: a run written before the typed records (or by an older tool that did
+    not record the seed, timings or versions) is read with defaults for what it lacks."""
+    import shutil
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(random_run / "run", run_dir)
+    (run_dir / "report.json").unlink(missing_ok=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("seed", "seconds", "calibration", "dfq_config", "versions", "inputs", "kept_fp_modules"):
+        manifest.pop(key)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(cli, ["verify", str(run_dir), "--val-data", str(random_run / "val.npz")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_eval_images"] == 24 and report["schema_version"] == 2

@@ -77,6 +77,7 @@ def test_fp16_bundle_of_w8a8_is_conformant_half_and_agrees_with_torch(root):
     assert bundle_manifest["tensorrt"]["float_dtype"] == "fp16" and bundle_manifest["tensorrt"]["fp8"] is False
 
 
+@pytest.mark.slow
 def test_fp8_exports_for_both_flavours_and_keeps_w8a8_accuracy(root):
     """onnxruntime top-1 over all 10k test images: fp8 within 0.1 point of w8a8 (the README's figures)."""
     top1 = {}

@@ -42,7 +42,7 @@ def modelopt_quantize(mode: str, onnx_path: str, calib: str, out: str) -> None:
     images = np.load(calib)["images"]
     quantize(onnx_path, quantize_mode=mode, calibration_data={"input": images}, calibration_eps=["cpu"],
              output_path=out)
-    print(json.dumps({"modelopt": modelopt.__version__}))
+    print(json.dumps({"modelopt": modelopt.__version__, "mode": mode, "out": out}))
 
 
 def prepare(work: Path, reuse: bool) -> tuple[dict, np.ndarray]:
@@ -121,7 +121,6 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     graphs, calib = prepare(work, args.reuse)
     np.savez(work / "calib.npz", images=calib)
-    version = "?"
     for mode in MODELOPT_MODES:
         out = work / f"modelopt_{mode}.onnx"
         if not (args.reuse and out.is_file()):
@@ -130,8 +129,10 @@ def main(argv=None) -> int:
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
-            version = json.loads(done.stdout.strip().splitlines()[-1])["modelopt"]
         graphs[f"modelopt {mode}"] = out
+    asked = subprocess.run([args.modelopt_python, "-c", "import modelopt; print(modelopt.__version__)"],
+                           capture_output=True, text=True, check=False)
+    version = asked.stdout.strip().splitlines()[-1] if asked.returncode == 0 and asked.stdout.strip() else "?"
 
     data_config = read_manifest(work / RECIPES[0])["model"]["data_config"]
     test = load_image_set("embedded:test", data_config, "test").subset(args.limit)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from maskaq_deploy.calib.errors import QuantError
 from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
 from maskaq_deploy.calib.quantize import iter_quantizers
 
@@ -30,6 +31,8 @@ def calibrate_observers(model: nn.Module, forward_loop: Callable[[nn.Module], No
         if isinstance(q, WeightQuantizer):
             weight = model.get_submodule(name.rpartition(".")[0]).weight
             q.init_from(weight)
+            if not bool(torch.isfinite(q.scale).all()):
+                raise QuantError(f"weight quantizer {name} got a NaN or infinite scale: the weights are not finite")
     was_training = model.training
     model.eval()
     for _, q in acts:
@@ -41,6 +44,9 @@ def calibrate_observers(model: nn.Module, forward_loop: Callable[[nn.Module], No
             if not q.observer.has_data:
                 raise RuntimeError(f"activation quantizer {name} saw no calibration data")
             q.finish_calibration()
+            if not bool(torch.isfinite(q.scale).all()) or not bool(torch.isfinite(q.zero_point).all()):
+                raise QuantError(f"activation quantizer {name} got a NaN or infinite scale: its inputs were not "
+                                 "finite; check the calibration images, or keep that layer in float with --keep-fp")
     finally:
         for _, q in acts:
             q.calibrating = False

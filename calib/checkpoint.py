@@ -12,8 +12,11 @@ without it is an interrupted write and is refused on load.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from maskaq_deploy.calib.errors import CheckpointError
+from maskaq_deploy.calib.errors import CheckpointError, QuantError
 from maskaq_deploy.calib.quantize import attach_quantizers, iter_quantizers
 from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
 from maskaq_deploy.calib.recipes import Recipe
 
 SCHEMA_VERSION = 1
 MODEL_FILE, QUANT_FILE, MANIFEST_FILE = "model.safetensors", "quant.safetensors", "manifest.json"
+MANIFEST_KEYS = (("model", dict), ("recipe", dict))  # what every reader relies on
 
 
 @contextlib.contextmanager
@@ -57,12 +61,58 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write ``obj`` as JSON; a NaN or infinity in it (not valid JSON) raises CheckpointError naming the key."""
+    bad = _non_finite_key(obj)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write {path}: {bad[0]} is {bad[1]}, which JSON cannot hold; a stage "
+                              "produced a non-finite figure, rerun it")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
-def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+def _non_finite_key(obj, where: str = "the top level"):
+    """(key path, value) of the first NaN/inf float in a JSON-like ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite_key(v, f"{where}.{k}" if where != "the top level" else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_files() -> tuple[str, str]:
+    """The tensor files of a quantized checkpoint, whose sha256 the manifest records under ``files``."""
+    return MODEL_FILE, QUANT_FILE
+
+
+def check_finite_quantizers(model: nn.Module) -> None:
+    """Refuse to keep a model whose weights or quantizer scales are NaN/inf (a stage failed), naming the layer."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise QuantError(f"{name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s) after "
+                             "calibration; check the calibration images, or keep that layer in float with --keep-fp")
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write a .safetensors file atomically. safetensors reports a failed write (a full disk) as a
+    SafetensorError with the OS error inside; it is raised as that OSError, naming ``path``."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _is_quantizer_key(key: str) -> bool:
@@ -88,6 +138,7 @@ def save_quantized_checkpoint(run_dir, model: nn.Module, manifest: dict) -> Path
     for key in ("model", "recipe"):
         if key not in manifest:
             raise ValueError(f"manifest needs a {key!r} entry")
+    check_finite_quantizers(model)
     state = model.state_dict()
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_quantizer_key(k)}
     quant, specs = {}, {}
@@ -98,9 +149,10 @@ def save_quantized_checkpoint(run_dir, model: nn.Module, manifest: dict) -> Path
             quant[f"{name}.zero_point"] = q.zero_point.detach().cpu().float()
             quant[f"{name}.initialized"] = q.initialized.detach().cpu()
     (run_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-    _atomic_save_safetensors(weights, run_dir / MODEL_FILE, {"format": "pt"})
-    _atomic_save_safetensors(quant, run_dir / QUANT_FILE, {"quantizers": json.dumps(specs)})
-    full = {"schema_version": SCHEMA_VERSION, **manifest}
+    atomic_save_safetensors(weights, run_dir / MODEL_FILE, {"format": "pt"})
+    atomic_save_safetensors(quant, run_dir / QUANT_FILE, {"quantizers": json.dumps(specs)})
+    full = {"schema_version": SCHEMA_VERSION, **manifest,
+            "files": {name: file_sha256(run_dir / name) for name in checkpoint_files()}}
     atomic_write_json(run_dir / MANIFEST_FILE, full)
     return run_dir
 
@@ -116,11 +168,23 @@ def read_manifest(run_dir) -> dict:
                               "interrupted write; recalibrate into it with --force")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); recalibrate with --force") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0][:100]}); recalibrate with "
+                              "--force") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object; recalibrate "
+                              "with --force")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CheckpointError(f"{path} has schema_version {version!r}; this tool reads {SCHEMA_VERSION}")
+    for key, kind in MANIFEST_KEYS:
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{path} has no valid {key!r} entry (a {kind.__name__} is expected); recalibrate "
+                                  "with --force")
+    model = manifest["model"]
+    if not isinstance(model.get("timm_name"), str) or not isinstance(model.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: its 'model' entry lacks a timm_name or has malformed kwargs; recalibrate "
+                              "with --force")
     return manifest
 
 
@@ -136,14 +200,22 @@ def load_quantized_checkpoint(run_dir, map_location: str = "cpu") -> tuple[nn.Mo
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     recipe = Recipe.from_dict(manifest["recipe"])
-    model = build_float_model(manifest["model"])
+    try:
+        model = build_float_model(manifest["model"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / MANIFEST_FILE} names a model that cannot be built "
+                              f"({str(e).splitlines()[0][:120]}); recalibrate with --force") from None
     attach_quantizers(model, recipe, keep_fp=manifest.get("keep_fp", ()))
     try:
         weights = load_file(run_dir / MODEL_FILE, device=map_location)
         quant = load_file(run_dir / QUANT_FILE, device=map_location)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read the tensors of {run_dir}: {e}; recalibrate with --force") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise CheckpointError(f"{run_dir / MODEL_FILE} does not fit the model "
+                              f"({str(e).splitlines()[-1].strip()[:160]}); recalibrate with --force") from None
     missing = [k for k in missing if not _is_quantizer_key(k)]
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / MODEL_FILE} does not fit the model: missing {missing[:3]}, "
@@ -152,10 +224,14 @@ def load_quantized_checkpoint(run_dir, map_location: str = "cpu") -> tuple[nn.Mo
         key = f"{name}.scale"
         if key not in quant:
             raise CheckpointError(f"{run_dir / QUANT_FILE} has no entry for quantizer {name}")
-        with torch.no_grad():
-            q.scale = nn.Parameter(quant[key].clone().reshape(quant[key].shape))
-            if isinstance(q, ActQuantizer):
-                q.zero_point.copy_(quant[f"{name}.zero_point"])
-                q.initialized.copy_(quant[f"{name}.initialized"])
+        try:
+            with torch.no_grad():
+                q.scale = nn.Parameter(quant[key].clone().reshape(quant[key].shape))
+                if isinstance(q, ActQuantizer):
+                    q.zero_point.copy_(quant[f"{name}.zero_point"])
+                    q.initialized.copy_(quant[f"{name}.initialized"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{run_dir / QUANT_FILE}: the entry of quantizer {name} is missing or "
+                                  f"malformed ({str(e).splitlines()[0][:100]}); recalibrate with --force") from None
     model.eval()
     return model, manifest

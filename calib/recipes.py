@@ -44,6 +44,9 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
+        if not isinstance(self.keep_fp, (list, tuple)) or not all(isinstance(p, str) for p in self.keep_fp):
+            raise RecipeError(f"recipe {self.name!r}: keep_fp must be a list of module-name patterns, got "
+                              f"{self.keep_fp!r}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if not isinstance(self.w_bits, int) or not MIN_BITS <= self.w_bits <= MAX_BITS:
             raise RecipeError(f"recipe {self.name!r}: weight bit width {self.w_bits} is out of range; "
@@ -129,7 +132,9 @@ def get_recipe(name: str) -> Recipe:
 def load_recipe_toml(path: str) -> Recipe:
     data = read_toml(path, RecipeError, "recipe file")
     table = data.get("recipe", data)
-    base = table.pop("base", None) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise RecipeError(f"recipe file {path}: 'recipe' must be a table ([recipe]), got a {type(table).__name__}")
+    base = table.pop("base", None)
     if base is not None:
         merged = get_recipe(base).to_dict()
         merged.update(table)

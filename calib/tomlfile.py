@@ -18,5 +18,11 @@ def read_toml(path, error: type[Exception], what: str) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise error(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder; give a .toml file") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text; save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise error(f"{what} {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None

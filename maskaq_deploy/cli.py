@@ -7,6 +7,8 @@ line on stderr and an exit code (see maskaq_deploy.errors); heavy imports happen
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,19 +18,24 @@ from pathlib import Path
 
 import click
 
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
+from maskaq_deploy import rundir
+from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
 
 log = logging.getLogger("maskaq_deploy")
+POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(0, 2 ** 63 - 1)
 
 
 def _typed_errors():
     """(exception classes, exit code) pairs, most specific first."""
     from maskaq_deploy.calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
     from maskaq_deploy.errors import MaskAQError
+    from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
     from maskaq_deploy.runtimes.errors import BackendError
 
     pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
+             (DFQConfigError, EXIT_USAGE), (ResumeError, EXIT_USAGE),
              (CheckpointError, EXIT_FAILURE), (QuantError, EXIT_FAILURE), (BackendError, EXIT_FAILURE)]
     try:
         from maskaq_deploy.export.errors import ExportError, ExportInputError
@@ -66,15 +73,46 @@ def _error_line(e: Exception) -> str | None:
     return msg
 
 
+def _os_error_line(e: OSError) -> tuple[str, int]:
+    """One line naming the problem and the fix for an OSError, and its exit code: 2 where the path the user
+    chose is the problem (read-only, not a folder, missing), 1 where the machine is (full disk, I/O)."""
+    where = e.filename or "a file"
+    usage = {
+        errno.EROFS: "{w} is on a read-only file system; choose another --out",
+        errno.EACCES: "permission denied on {w}; choose a folder you can write",
+        errno.EPERM: "operation not permitted on {w}; choose a folder you can write",
+        errno.ENOTDIR: "{w}: a part of the path is a file, not a folder; choose another path",
+        errno.EISDIR: "{w} is a folder where a file was expected; give a file path",
+        errno.ENOENT: "{w} does not exist; check the path",
+        errno.ENAMETOOLONG: "{w}: the path is too long; choose a shorter one",
+    }
+    failure = {
+        errno.ENOSPC: "no space left on the device writing {w}; free space or choose another --out",
+        errno.EDQUOT: "disk quota exceeded writing {w}; free space or choose another --out",
+    }
+    if e.errno in usage:
+        return usage[e.errno].format(w=where), EXIT_USAGE
+    text = failure.get(e.errno, f"{{w}}: {e.strerror or type(e).__name__}; check the path and the disk")
+    return text.format(w=where), EXIT_FAILURE
+
+
 class App(click.Group):
-    """Turns the library's typed errors into one line and an exit code, never a traceback."""
+    """Turns every error into one line and an exit code, never a traceback (MASKAQ_TRACEBACK=1 shows it)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except click.exceptions.ClickException as e:  # click's own option checks: one line, not the usage text
+            where = (getattr(e, "ctx", None) or ctx).command_path
+            abort(f"{e.format_message()} (see '{where} --help')".replace("\n", " "), EXIT_USAGE)
         except KeyboardInterrupt:
-            abort("interrupted; completed checkpoints are kept (rerun with --resume where supported)", 130)
+            abort("interrupted; the previous run is unchanged (a calibration's finished batches are kept: rerun "
+                  "it with --resume to continue)", EXIT_INTERRUPTED)
         except Exception as e:
+            if os.environ.get("MASKAQ_TRACEBACK"):
+                raise
             for cls, code in _typed_errors():
                 if isinstance(e, cls):
                     code = code if code is not None else e.exit_code
@@ -82,7 +120,11 @@ class App(click.Group):
                     if line is None:
                         sys.exit(code)
                     abort(line, code)
-            raise
+            if isinstance(e, OSError):
+                abort(*_os_error_line(e))
+            first = (str(e).splitlines() or [""])[0][:200]
+            abort(f"unexpected {type(e).__name__}: {first}; please report it (MASKAQ_TRACEBACK=1 shows where)",
+                  EXIT_FAILURE)
 
 
 def _floats(value: str | None, what: str):
@@ -146,12 +188,13 @@ def calib_options(f):
                      help="Quantize the attention matmuls (default: the recipe's, on)."),
         click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
         click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
-        click.option("--num-images", type=int, default=None,
+        click.option("--num-images", type=POSITIVE, default=None,
                      help="Calibration images (synthetic or real); default: the preset's."),
-        click.option("--batch-size", type=int, default=None, help="Batch size for real images and evaluation."),
-        click.option("--seed", type=int, default=None, help="Random seed."),
+        click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
+        click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
         click.option("--device", default=None, help="cpu or cuda."),
-        click.option("--force", is_flag=True, help="Overwrite a non-empty output directory."),
+        click.option("--force", is_flag=True,
+                     help="Replace the run in OUT (kept until the new one succeeds); never deletes other files."),
         click.option("--quiet", is_flag=True, help="No progress bars; logs only."),
     ]
     for opt in reversed(opts):
@@ -177,9 +220,9 @@ def _command_line() -> str:
     return shlex.join(["maskaq-deploy", *sys.argv[1:]])
 
 
-def _finish(done, limits) -> None:
-    """Prints where the reports are and the gate's lines; exits 4 on a breach."""
-    from maskaq_deploy.errors import EXIT_GATE
+def _finish(done, limits) -> int:
+    """Prints where the reports are and the gate's lines; returns the exit code (4 on a breach)."""
+    from maskaq_deploy.errors import EXIT_GATE, EXIT_OK
 
     click.echo(f"reports: {done.md_path}, {done.html_path}")
     if limits is not None and limits.active:
@@ -187,16 +230,18 @@ def _finish(done, limits) -> None:
             click.echo(line, err=not done.gate.passed)
         if not done.gate.passed:
             click.echo(f"gate breached: {len(done.gate.breached)} check(s) failed", err=True)
-            sys.exit(EXIT_GATE)
+            return EXIT_GATE
         click.echo(f"gate passed: {len(done.gate.checks)} check(s)")
+    return EXIT_OK
 
 
 def resolve_configs(kw: dict):
     """ModelConfig and CalibrateConfig from --config plus explicit options."""
-    from maskaq_deploy.config import CalibrateConfig, build, read_toml
+    from maskaq_deploy.config import CalibrateConfig, build, config_tables, with_dfq_preset
     from maskaq_deploy.models import ModelConfig
 
-    file = read_toml(kw["config_file"]) if kw.get("config_file") else {}
+    file = config_tables(kw.get("config_file"))
+    calibrate_table, dfq_table = with_dfq_preset(file.get("calibrate"), file.get("dfq"), kw.get("preset"))
     try:
         model_kwargs = json.loads(kw["model_kwargs"]) if kw.get("model_kwargs") else None
     except json.JSONDecodeError as e:
@@ -204,13 +249,14 @@ def resolve_configs(kw: dict):
     model_cfg = build(ModelConfig, file.get("model"), {
         "name": kw.get("model"), "kwargs": model_kwargs, "checkpoint": kw.get("checkpoint"),
         "pretrained": kw.get("pretrained"), "mean": _floats(kw.get("mean"), "--mean"),
-        "std": _floats(kw.get("std"), "--std"), "input_size": _ints(kw.get("input_size"), "--input-size")})
-    calib_cfg = build(CalibrateConfig, file.get("calibrate"), {
+        "std": _floats(kw.get("std"), "--std"), "input_size": _ints(kw.get("input_size"), "--input-size")},
+        table="model")
+    calib_cfg = build(CalibrateConfig, calibrate_table, {
         "method": kw.get("method"), "preset": kw.get("preset"), "save_images": kw.get("save_images"),
-        "dfq": file.get("dfq"), "recipe": kw.get("recipe"),
+        "dfq": dfq_table, "recipe": kw.get("recipe"),
         "keep_fp": tuple(kw["keep_fp"]) if kw.get("keep_fp") else None, "calib_data": kw.get("calib_data"),
         "num_images": kw.get("num_images"), "batch_size": kw.get("batch_size"), "seed": kw.get("seed"),
-        "device": kw.get("device"), "attention_qdq": _on_off(kw.get("attention_qdq"))})
+        "device": kw.get("device"), "attention_qdq": _on_off(kw.get("attention_qdq"))}, table="calibrate")
     return model_cfg, calib_cfg
 
 
@@ -296,8 +342,8 @@ def _flavour_rows(name: str, r: dict, skipped: list) -> list:
 def cli():
     """Data-free quantization (MaskAQ) and deployment of timm Vision Transformers.
 
-    Exit codes: 0 ok, 1 failure, 2 usage error, 3 engine not built here (bundle written), 4 accuracy gate
-    breached.
+    Exit codes: 0 ok, 1 failure, 2 usage error (also: run folder locked by another command), 3 engine not built
+    here (bundle written), 4 accuracy gate breached, 130 interrupted.
     """
 
 
@@ -332,8 +378,8 @@ def calibrate(out, force, quiet, resume, **kw):
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
-@click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
-@click.option("--batch-size", type=int, default=256)
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @gate_options
 def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseline, max_regression):
     """Evaluate a quantized checkpoint RUN (and an exported artifact of it) against its full-precision model;
@@ -344,11 +390,16 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
 
     _setup_logging()
     limits = thresholds(max_drop, baseline, max_regression)  # validated (and baseline read) before any work
+    if artifact is not None and not Path(artifact).is_file():
+        raise UsageError(f"--artifact {artifact} does not exist; give an exported .onnx or .engine, or leave it "
+                         "out to use the run's own")
     handle = Run(run, val_data=val_data, limit=limit, batch_size=batch_size)
     precheck(limits, model=handle.manifest.name, recipe=handle.manifest.recipe_name)
-    done = run_verify(handle, runtime=runtime, artifact=artifact, limits=limits, command=_command_line())
-    _print_report(done.report)
-    _finish(done, limits)
+    with _run_lock(run):
+        done = run_verify(handle, runtime=runtime, artifact=artifact, limits=limits, command=_command_line())
+        _print_report(done.report)
+        code = _finish(done, limits)
+    sys.exit(code)
 
 
 @cli.command()
@@ -359,7 +410,7 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
               type=click.Choice(TARGETS),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
-@click.option("--limit", type=int, default=None, help="Evaluate on at most this many images.")
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--bundle-only", is_flag=True,
               help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
@@ -372,6 +423,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
     from maskaq_deploy.calib import get_recipe
 
+    from maskaq_deploy.errors import EXIT_NO_ENGINE, EXIT_OK
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
 
@@ -384,18 +436,19 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
                          "fp16, or export bf16 with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'")
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
+    # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
+    # rundir); a gate breach (4) or a missing engine (3) still installs it: the run is whole, its report says why
     with _ProgressView(quiet) as view:
         result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
                            dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume,
                            limits=limits, command=_command_line(), float_dtype=float_dtype)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
-    _finish(result.outcome, limits)
+    code = _finish(result.outcome, limits)
     if result.engine_missing_reason:
-        from maskaq_deploy.errors import EXIT_NO_ENGINE
-
         click.echo(f"engine not built: {result.engine_missing_reason}", err=True)
-        sys.exit(EXIT_NO_ENGINE)
+        code = code if code != EXIT_OK else EXIT_NO_ENGINE
+    sys.exit(code)
 
 
 @cli.command("export")
@@ -403,7 +456,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 @click.option("--for", "flavour", default=ONNXRUNTIME, show_default=True,
               type=click.Choice(FLAVOURS), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Fixed batch size of the graph.")
+@click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 21 for INT4 weights).")
 @FLOAT_DTYPE_OPTION
@@ -412,13 +465,17 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
     from maskaq_deploy.deploy import conformance, export
+    from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
     from maskaq_deploy.run import Run
 
     _setup_logging()
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
     if float_dtype not in (None, "fp32") and flavour != TENSORRT:
         raise UsageError(f"--float-dtype {float_dtype} is for --for tensorrt; {flavour} computes in fp32")
-    res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
-                 float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
+    with _run_lock(run):
+        res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
+                     float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
         "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
     click.echo(f"wrote {res.qdq_path} ({flavour}, {res.float_dtype}, opset {res.opset}; {counts})")
@@ -467,17 +524,28 @@ def inspect_cmd(model, strict):
 @cli.command("bench")
 @click.argument("artifact", type=click.Path())
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", default="1,2", show_default=True, help="Comma-separated intra-op thread counts.")
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--iterations", type=int, default=30, show_default=True)
+@click.option("--threads", default="1,2", show_default=True,
+              help="Comma-separated intra-op thread counts, each 1 to 4x the CPU cores.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--iterations", type=POSITIVE, default=30, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu or cuda.")
 def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
     """Latency (median, p90) and throughput of ARTIFACT (.onnx, or a run directory's model.qdq.onnx)."""
     from maskaq_deploy.pipeline import bench
 
     _setup_logging()
-    rows = bench(artifact, batch_sizes=_ints_list(batch_sizes, "--batch-sizes"),
-                 threads=_ints_list(threads, "--threads"), warmup=warmup, iterations=iterations, provider=provider)
+    max_threads = 4 * (os.cpu_count() or 1)
+    thread_counts = _ints_list(threads, "--threads")
+    if max(thread_counts) > max_threads:
+        raise UsageError(f"--threads {max(thread_counts)} is more than 4x this machine's {os.cpu_count()} CPU "
+                         f"cores; use 1 to {max_threads}")
+    with _run_lock(artifact):
+        rows = bench(artifact, batch_sizes=_ints_list(batch_sizes, "--batch-sizes"), threads=thread_counts,
+                     warmup=warmup, iterations=iterations, provider=provider)
+        if Path(artifact).is_dir():  # a run directory: the next report shows this latency table
+            from maskaq_deploy.report import record_latency
+
+            record_latency(artifact, rows)
     from rich.console import Console
     from rich.table import Table
 
@@ -488,10 +556,6 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
         table.add_row(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['throughput']:.1f}")
     Console().print(table)
-    if Path(artifact).is_dir():  # a run directory: the next report shows this latency table
-        from maskaq_deploy.report import record_latency
-
-        record_latency(artifact, rows)
 
 
 @cli.command("sensitivity")
@@ -499,7 +563,7 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Top-1 budget (points vs FP) the suggested --keep-fp list should meet.")
-@click.option("--limit", type=int, default=None, help="Use at most this many validation images.")
+@click.option("--limit", type=POSITIVE, default=None, help="Use at most this many validation images.")
 def sensitivity_cmd(run, val_data, max_drop, limit):
     """Per-layer sensitivity of RUN (output SQNR vs FP, worst first) and a --keep-fp list meeting --max-drop."""
     from rich.console import Console
@@ -508,7 +572,8 @@ def sensitivity_cmd(run, val_data, max_drop, limit):
     from maskaq_deploy.sensitivity import TABLE_COLUMNS, analyze, summary_lines, table_rows
 
     _setup_logging()
-    result = analyze(run, val_data, max_drop=max_drop, limit=limit)
+    with _run_lock(run):
+        result = analyze(run, val_data, max_drop=max_drop, limit=limit)
     table = Table(title=f"per-layer sensitivity of {run} ({result['recipe']})")
     for col in TABLE_COLUMNS:
         table.add_column(col)
@@ -517,6 +582,12 @@ def sensitivity_cmd(run, val_data, max_drop, limit):
     Console().print(table)
     for line in summary_lines(result):
         click.echo(line)
+
+
+def _run_lock(run):
+    """The advisory lock of run folder ``run`` for a command that writes into it (nothing for a file or a
+    missing folder: the command then refuses it itself)."""
+    return rundir.locked(run, _command_line()) if Path(run).is_dir() else contextlib.nullcontext()
 
 
 def _ints_list(value: str, what: str) -> list[int]:

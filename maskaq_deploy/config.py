@@ -21,14 +21,19 @@ CLI options given explicitly override the file; the fully resolved config goes i
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass
 
 from maskaq_deploy.calib.dfq.config import METHODS, PRESETS
 from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
+from maskaq_deploy.checks import DEVICE_PATTERN
 from maskaq_deploy.errors import UsageError
 
 
 CONFIG_VERSION = 1
+SEED_LIMIT = 2 ** 63  # seeds are in [0, 2^63): torch and numpy take them
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class CalibrateConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        check_field_types(self)
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -55,8 +61,14 @@ class CalibrateConfig:
             raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if (self.num_images is not None and self.num_images < 1) or self.batch_size < 1:
             raise UsageError("--num-images and --batch-size must be positive")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise UsageError(f"--device {self.device!r}: use cpu or cuda[:N]")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise UsageError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed} is out of range; use 0 to 2^63 - 1")
+        if self.dfq.get("preset", self.preset) != self.preset:
+            raise UsageError(f"[dfq] preset = {self.dfq['preset']!r} and the preset {self.preset!r} (--preset or "
+                             "[calibrate] preset) disagree; name the preset once")
+        self.dfq_config()  # [dfq] values are checked now, before any work
 
     @property
     def needs_real_data(self) -> bool:
@@ -81,18 +93,98 @@ def read_toml(path: str) -> dict:
     return read_toml_file(path, UsageError, "config file")
 
 
-def build(cls, file_values: dict | None, overrides: dict):
+TABLES = ("model", "calibrate", "dfq")
+
+
+def config_tables(path: str | None) -> dict:
+    """The tables of a --config file ({} without one), each checked to be a table."""
+    if not path:
+        return {}
+    data = read_toml(path)
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown table(s) {unknown}; it may hold [model], [calibrate], [dfq]")
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise UsageError(f"config file {path}: {name} must be a table ([{name}]), got a "
+                             f"{type(table).__name__}")
+    return data
+
+
+def with_dfq_preset(calibrate_table: dict | None, dfq_table: dict | None, cli_preset: str | None):
+    """(calibrate values, dfq values) with a ``[dfq] preset`` moved to the run's preset, so it is applied; a
+    different preset named elsewhere is refused."""
+    calibrate_table, dfq_table = dict(calibrate_table or {}), dict(dfq_table or {})
+    if "preset" in dfq_table:
+        preset = dfq_table.pop("preset")
+        named = cli_preset or calibrate_table.get("preset")
+        if named is not None and named != preset:
+            raise UsageError(f"[dfq] preset = {preset!r} and the preset {named!r} (--preset or [calibrate] "
+                             "preset) disagree; name the preset once")
+        calibrate_table["preset"] = preset
+    return calibrate_table, dfq_table
+
+
+def build(cls, file_values: dict | None, overrides: dict, table: str = ""):
     """``cls`` from file values, then explicit CLI overrides (None means 'not given')."""
     known = {f.name for f in dataclasses.fields(cls)}
     values = dict(file_values or {})
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UsageError(f"unknown {cls.__name__} field(s) {unknown} in the config file; known: {sorted(known)}")
+        close = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hint = "; ".join(f"{u}: did you mean {c[0]}?" for u, c in close.items() if c)
+        raise UsageError(f"unknown field(s) {unknown} in [{table or cls.__name__}] of the config file"
+                         f"{'; ' + hint if hint else ''}; known: {sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for k, v in list(values.items()):
-        if isinstance(v, list) and k != "dfq":
-            values[k] = tuple(v)
     try:
         return cls(**values)
     except TypeError as e:
         raise UsageError(f"bad {cls.__name__} values: {e}") from None
+
+
+def check_field_types(obj) -> None:
+    """Every field of dataclass ``obj`` holds a value of its annotated type (a TOML list may stand for a tuple;
+    a string never does). Raises UsageError naming the field, the expected and the given type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _conforms(value, hints[f.name]):
+            raise UsageError(f"{f.name} must be {_describe(hints[f.name])}, got {type(value).__name__} {value!r}")
+
+
+def _conforms(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    names = {type(None): "not set", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             dict: "a table"}
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))

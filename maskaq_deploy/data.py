@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maskaq_deploy import checks
 from maskaq_deploy.errors import DataError
 from maskaq_deploy.models import ASSETS_DIR
 
@@ -63,6 +64,10 @@ class ImageSet:
 
     def tensor(self) -> torch.Tensor:
         return torch.cat([x for x, _ in self.batches(256)]) if len(self) else torch.empty(0)
+
+    def check_labels(self, classes: int | None, what: str) -> None:
+        """Refuse labels outside [0, classes): the classifier can never predict them."""
+        checks.labels_in_range(self.labels, classes, f"{what} {self.source}")
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -115,6 +120,10 @@ def _load_npz(path: Path, data_config: dict, what: str, source: str) -> ImageSet
                         f"model takes {(c, h, w)}; resize them, or pass --input-size if the model allows it")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
+        finite = np.isfinite(images)
+        if not finite.all():
+            raise DataError(f"{what} {path}: {int((~finite).sum())} pixel value(s) are NaN or infinite; give "
+                            "finite images (float 0-1 or uint8 0-255)")
         if images.size and (images.min() < 0 or images.max() > 1.0 + 1e-6):
             raise DataError(f"{what} {path.name}: float images must be in [0, 1] (or give uint8 0-255)")
     labels = np.asarray(labels)

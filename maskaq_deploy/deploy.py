@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskaq_deploy import provenance
 from maskaq_deploy.calib import get_recipe
 from maskaq_deploy.calib.recipes import Recipe
 from maskaq_deploy.errors import UsageError
@@ -64,7 +65,8 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
         check_recipe_for_target(Recipe.from_dict(manifest.recipe), TENSORRT)
     qdq_path = Path(out) if out else run.path / QDQ_ONNX
     meta = {"maskaq.recipe": manifest.recipe_name, "maskaq.method": manifest.method,
-            "maskaq.model": manifest.name, "maskaq.flavour": flavour}
+            "maskaq.model": manifest.name, "maskaq.flavour": flavour,
+            **provenance.artifact_metadata(run.path, manifest.to_dict())}
     res = export_qdq_onnx(run.quantized, qdq_path, flavour=flavour, batch_size=batch_size,
                           dynamic_batch=dynamic_batch, opset=opset, metadata=meta, float_dtype=float_dtype,
                           attention_qdq=attention_qdq)
@@ -90,9 +92,14 @@ def artifact(run: Run, runtime: str, given=None):
     if runtime == TORCH:
         return run.quantized
     path = Path(given) if given else run.path / ARTIFACTS[runtime]
+    if given is not None and not path.is_file():
+        raise UsageError(f"--artifact {given} does not exist; give an exported .onnx or .engine, or leave it out "
+                         "to use the run's own")
     if runtime == ONNXRUNTIME and not path.is_file():
         log.info("%s not found: exporting the onnxruntime flavour first", path)
         path = export(run, ONNXRUNTIME, fp_too=False, dynamic_batch=True).qdq_path
+    if path.is_file():  # a missing engine is the backend's one-line error
+        provenance.check_artifact(path, run.path, run.manifest.to_dict())
     return path
 
 
@@ -155,8 +162,10 @@ def try_build_engine(run_dir, qdq_path, *, max_batch: int = 32, workspace_mib: i
     from maskaq_deploy.export.tensorrt import EngineUnavailable, build_engine
 
     try:
-        return build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,
-                            timing_cache=timing_cache), None
+        info = build_engine(qdq_path, run_dir, max_batch=max_batch, workspace_mib=workspace_mib,
+                            timing_cache=timing_cache)
     except EngineUnavailable as e:
         return None, str(e).splitlines()[0]
+    provenance.record_engine(info.path, qdq_path)
+    return info, None
 

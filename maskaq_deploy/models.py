@@ -5,9 +5,10 @@ Nothing is unpickled: ``.pth``/``.pt`` files go through ``torch.load(weights_onl
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import hashlib
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from maskaq_deploy import checks
+from maskaq_deploy.calib.checkpoint import file_sha256
+from maskaq_deploy.config import check_field_types
 from maskaq_deploy.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -34,16 +38,25 @@ class ModelConfig:
     input_size: tuple[int, int, int] | None = None
 
     def __post_init__(self):
+        check_field_types(self)
+        for key in ("mean", "std", "input_size"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         if not self.name:
             raise ModelError("--model is empty; give 'embedded' or a timm model name")
         if not isinstance(self.kwargs, dict):
             raise ModelError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 32}'")
         if self.checkpoint and self.pretrained:
             raise ModelError("give either --checkpoint or --pretrained, not both")
-        if self.input_size is not None and len(self.input_size) != 3:
-            raise ModelError("--input-size takes C,H,W (e.g. 3,224,224)")
+        if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
+            raise ModelError("--input-size takes three positive integers C,H,W (e.g. 3,224,224)")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ModelError("--mean and --std need the same number of channels")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in values):
+                raise ModelError(f"--{key} {list(values)}: every value must be a finite number, e.g. 0.5,0.5,0.5")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ModelError("--std values must be positive")
 
@@ -70,14 +83,6 @@ def embedded_config() -> dict:
     return json.loads(path.read_text())
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _create(timm_name: str, kwargs: dict, pretrained: bool) -> nn.Module:
     import timm
 
@@ -86,7 +91,8 @@ def _create(timm_name: str, kwargs: dict, pretrained: bool) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for names"
         raise ModelError(f"unknown model {timm_name!r}{hint}")
     try:
-        return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+        with _hub_offline(pretrained):
+            return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise ModelError(f"--model-kwargs do not fit {timm_name}: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
@@ -96,10 +102,41 @@ def _create(timm_name: str, kwargs: dict, pretrained: bool) -> nn.Module:
         raise ModelError(f"cannot build {timm_name} with kwargs {kwargs}: {str(e).splitlines()[0]}") from None
 
 
+TORCH_MAGIC = (b"PK", b"\x80\x02")  # torch.save's zip format, and its legacy pickle (protocol 2)
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)
+
+
+@contextlib.contextmanager
+def _hub_offline(active: bool):
+    """--pretrained reads the hub cache only: no network retries, no retry warnings (a miss is one line)."""
+    if not active:
+        yield
+        return
+    from huggingface_hub import constants
+
+    hub_log = logging.getLogger("huggingface_hub")
+    saved = constants.HF_HUB_OFFLINE, hub_log.level
+    constants.HF_HUB_OFFLINE = True
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        hub_log.setLevel(saved[1])
+
+
 def read_state_dict(path: Path) -> dict:
     """A state dict from .safetensors or .pth/.pt/.bin (weights only; nested 'model'/'state_dict' unwrapped)."""
     if not path.is_file():
         raise ModelError(f"checkpoint {path} not found")
+    if path.suffix != ".safetensors" and _magic(path) not in TORCH_MAGIC:
+        raise ModelError(f"checkpoint {path} cannot be read: it is not a torch or safetensors file (it starts "
+                         f"with {_magic(path)!r}); give a .safetensors or a .pth/.pt saved with "
+                         "torch.save(model.state_dict())")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -108,8 +145,9 @@ def read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files raise a zoo of exception types
+        first = (str(e).splitlines() or [""])[0][:120]
         why = ("corrupt, or it pickles objects other than tensors" if "Weights only" in str(e)
-               else (str(e).splitlines() or [type(e).__name__])[0][:120])
+               else f"{type(e).__name__}: {first}" if len(first) > 12 else "not a torch or safetensors file")
         raise ModelError(f"checkpoint {path} cannot be read as a weights-only state dict ({why}); give a "
                          ".safetensors or a .pth/.pt saved with torch.save(model.state_dict())") from None
     for key in ("model", "state_dict", "model_state", "model_ema"):
@@ -118,7 +156,9 @@ def read_state_dict(path: Path) -> dict:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"checkpoint {path} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    checks.finite_tensors(state, str(path))
+    return state
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:

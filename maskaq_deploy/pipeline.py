@@ -15,26 +15,26 @@ calib.dfq.distributed): every process loads the model and calibrates, rank 0 alo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import platform
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from maskaq_deploy import deploy
+from maskaq_deploy import checks, deploy, provenance, rundir
 from maskaq_deploy import gate as gate_mod
 from maskaq_deploy.calib import attach_quantizers, get_recipe, save_quantized_checkpoint
-from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json
+from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json, read_manifest
 from maskaq_deploy.calib.dfq import distributed, effective_config, run_calibration
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import ImageSet, load_image_set
 from maskaq_deploy.deploy import export
-from maskaq_deploy.errors import DataError, MaskAQError, OutputExistsError, UsageError
+from maskaq_deploy.errors import DataError, MaskAQError, UsageError
 from maskaq_deploy.models import LoadedModel, ModelConfig, load_model
 from maskaq_deploy.records import VS_TORCH_KEYS, Manifest, ProgressEvent, Report, RuntimeResult
 from maskaq_deploy.render import write_reports
@@ -65,25 +65,16 @@ def library_versions() -> dict:
             "python": platform.python_version()}
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty output directory unless ``force``; create it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(f"output directory {out} is not empty; choose another --out or pass --force")
-        for child in out.iterdir():  # --force: start clean so no stale artifact survives
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
     recipe = get_recipe(cfg.recipe)
     if cfg.attention_qdq is not None:
         recipe = dataclasses.replace(recipe, quantize_attention=cfg.attention_qdq)
     qmodel = copy.deepcopy(loaded.model)
     info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
+    checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in qmodel.named_modules() if n and "_quantizer" not in n])
+    if not info.quantized:
+        raise UsageError(f"recipe {recipe.name} with keep_fp {list(cfg.keep_fp)} leaves no module quantized; "
+                         "narrow the --keep-fp patterns")
     return qmodel, recipe, info
 
 
@@ -95,11 +86,18 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     process calls this; the returned manifest is the same on every rank, the files are written by rank 0 only.
     """
     dist = distributed.setup(cfg.device)
-    out = Path(out)
-    if not resume:
-        dist.on_main(lambda: prepare_out_dir(out, force), "preparing the output directory")
-    else:
-        dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True), "preparing the output directory")
+    inputs = _inputs(model_cfg, cfg)  # every input is checked before the output folder is touched
+    with contextlib.ExitStack() as stack:  # rank 0 writes a stage that replaces ``out`` only on success
+        stage = dist.on_main(lambda: stack.enter_context(rundir.writing(out, force=force, resume=resume)),
+                             "preparing the output directory")
+        manifest = _calibrate(model_cfg, cfg, inputs, Path(stage), dist, progress=progress, resume=resume)
+    distributed.teardown()
+    return Run(out, manifest=manifest)
+
+
+def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig) -> tuple:
+    """(loaded model, Q, recipe, attach info, real images or None, seconds) of a calibration, all checked."""
+    checks.device_available(cfg.device)
     torch.manual_seed(cfg.seed)  # a model without weights is drawn from it: reload_fp_model redraws it alike
     seconds = {}
     t0 = time.perf_counter()
@@ -112,11 +110,19 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
             cfg.dfq_config().num_images, cfg.seed)
         if len(real) == 0:
             raise DataError(f"--calib-data {spec} holds no images")
+        real.check_labels(checks.num_classes(loaded.model), "--calib-data")
     seconds["load"] = round(time.perf_counter() - t0, 3)
+    return loaded, qmodel, recipe, info, real, seconds
+
+
+def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: tuple, out: Path, dist, *, progress,
+               resume: bool) -> Manifest:
+    loaded, qmodel, recipe, info, real, seconds = inputs
     t0 = time.perf_counter()
     summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
                           progress=progress, dist=dist)
     seconds["calibrate"] = round(time.perf_counter() - t0, 3)
+    rundir.relative_paths(summary, out)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=loaded.manifest_entry(),
@@ -141,8 +147,7 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     if dist.is_main:
         save_quantized_checkpoint(out, qmodel, manifest.to_dict())
     dist.barrier("waiting for rank 0 to write the quantized checkpoint")  # no rank reports success before it
-    distributed.teardown()
-    return Run(out, manifest=manifest)
+    return manifest
 
 
 def _run_method(fp_model, qmodel, cfg: CalibrateConfig, data_config: dict, out: Path, real: ImageSet | None,
@@ -171,6 +176,10 @@ def evaluate(run: Run, runtime: str = TORCH, *, artifact=None) -> RuntimeResult:
     what = deploy.artifact(run, runtime, artifact)
     t0 = time.perf_counter()
     logits = run.logits[runtime] = deploy.run_backend(runtime, what, run.val_images, run.batch_size)
+    if runtime == TORCH:  # name the layer that went non-finite
+        checks.finite_logits(logits, "the quantized model", run.quantized, run.val_images)
+    else:
+        checks.finite_logits(logits, f"the {runtime} artifact {Path(what).name}")
     run.seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
     result = _score(run, logits, vs_torch=runtime != TORCH)
     if runtime != TORCH:
@@ -317,8 +326,22 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
         err.mirrored = True  # every rank refuses alike: reported once
         raise err
     deploy.check_target(cfg.recipe, target)  # refuse before any work
+    with rundir.writing(out, force=force, resume=resume, command=command) as stage:  # replaces ``out`` on success
+        result = _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
+                             dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress,
+                             resume=resume, limits=limits, command=command, float_dtype=float_dtype)
+    out = Path(out)
+    result.outcome.md_path, result.outcome.html_path = (out / result.outcome.md_path.name,
+                                                         out / result.outcome.html_path.name)
+    return result
+
+
+def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, target: str, val_data, limit,
+                dynamic_batch: bool, bundle_only: bool, progress, resume: bool, limits, command,
+                float_dtype: str | None = None) -> BuildResult:
     t0 = time.perf_counter()
-    run = calibrate(model_cfg, cfg, out, force=force, progress=progress, resume=resume)
+    _check_val_data(model_cfg, val_data, limit)  # bad validation images fail now, not after the calibration
+    run = calibrate(model_cfg, cfg, out, progress=progress, resume=resume)
     run.choose_images(val_data, limit)
     results, runtime, engine_reason = {TORCH: evaluate(run, TORCH)}, TORCH, None
     if target != TORCH:
@@ -346,6 +369,13 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
     return BuildResult(outcome, run.listing(), engine_reason)
 
 
+def _check_val_data(model_cfg: ModelConfig, val_data: str | None, limit: int | None) -> None:
+    loaded = load_model(model_cfg)
+    spec = default_data(model_cfg.name, "test", val_data, "--val-data")
+    images = load_image_set(spec, loaded.data_config, "--val-data").subset(limit)
+    images.check_labels(checks.num_classes(loaded.model), "--val-data")
+
+
 def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iterations: int = 30,
           provider: str = "cpu") -> list[dict]:
     """Latency of an ONNX artifact on onnxruntime; a run directory means its model.qdq.onnx (exported with a
@@ -354,8 +384,9 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
 
     path = Path(artifact)
     if path.is_dir():
+        provenance.check_checkpoint(path, read_manifest(path))
         dyn = path / "model.qdq.dynamic.onnx"
-        if not dyn.is_file():
+        if not dyn.is_file() or not provenance.belongs(dyn, path):  # bench's own export, redone when stale
             export(Run(path), ONNXRUNTIME, out=dyn, fp_too=False, dynamic_batch=True)
         path = dyn
     if not path.is_file():
@@ -364,6 +395,8 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise UsageError(f"{artifact} is not an ONNX file ({type(e).__name__})") from None
+    if not proto.graph.input:
+        raise UsageError(f"{artifact} has no graph inputs; give a model exported by 'maskaq-deploy export'")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if shape[0] is not None:  # a fixed batch: only that batch size is meaningful

@@ -76,6 +76,7 @@ class Manifest(Record):
     versions: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    files: dict | None = optional()  # sha256 of model.safetensors and quant.safetensors (provenance checks)
     extra: dict = field(default_factory=dict)
 
     # the entries every stage asks for

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from maskaq_deploy import checks, provenance
 from maskaq_deploy.calib.checkpoint import load_quantized_checkpoint, read_manifest
 from maskaq_deploy.data import ImageSet, load_image_set
 from maskaq_deploy.errors import DataError, MaskAQError, UsageError
@@ -54,17 +55,21 @@ def reload_fp_model(manifest: Manifest) -> LoadedModel:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             if manifest.seed is not None:
                 torch.manual_seed(manifest.seed)
-            return load_model(cfg)
+            loaded = load_model(cfg)
     except MaskAQError as e:
         raise UsageError(f"cannot reload the full-precision model of this checkpoint: {e}") from None
+    provenance.check_fp_weights(manifest.to_dict(), loaded)
+    return loaded
 
 
 @torch.no_grad()
-def model_logits(model, images: ImageSet, batch_size: int, device: str = "cpu"):
-    """(logits, labels or None) of a torch model over an ImageSet."""
+def model_logits(model, images: ImageSet, batch_size: int, device: str = "cpu", what: str = "the model"):
+    """(logits, labels or None) of a torch model over an ImageSet; non-finite logits raise NonFiniteError
+    naming the first layer that produced a non-finite output."""
     outs, labels = [], []
     for x, y in images.batches(batch_size):
         outs.append(model(x.to(device)).float().cpu())
+        checks.finite_outputs(model, x.to(device), outs[-1], what)
         if y is not None:
             labels.append(y)
     return torch.cat(outs), (torch.cat(labels) if labels else None)
@@ -130,6 +135,7 @@ class Run:
     @cached_property
     def quantized(self) -> torch.nn.Module:
         model, manifest = self._timed("verify_load", lambda: load_quantized_checkpoint(self.path))
+        provenance.check_checkpoint(self.path, manifest)  # the tensor files are the ones the manifest recorded
         self.__dict__.setdefault("manifest", Manifest.from_dict(manifest))
         return model
 
@@ -151,13 +157,14 @@ class Run:
                                                                    "--val-data").subset(self.limit))
         if images.labels is None or len(images) == 0:
             raise DataError(f"--val-data {self.val_spec} holds no labelled images")
+        images.check_labels(checks.num_classes(self.quantized), "--val-data")
         return images
 
     @cached_property
     def fp_logits(self) -> torch.Tensor:
         """The full-precision model's logits on ``val_images`` (the reference every runtime is compared to)."""
         return self._timed("eval_fp", lambda: model_logits(self.fp_model.model, self.val_images,
-                                                           self.batch_size)[0])
+                                                           self.batch_size, what="the full-precision model")[0])
 
     @property
     def labels(self) -> torch.Tensor:

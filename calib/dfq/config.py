@@ -22,6 +22,9 @@ DFQ_CONFIG_VERSION = 1
 METHODS = ("maskaq", "psaq", "noise", "real")
 AUTOCAST_MODES = ("auto", "off", "bf16")
 Q_INIT_MODES = ("noise",)
+# annotation -> (accepted Python types, what the error calls it); bool is never taken for a number
+SIMPLE_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+                "str": ((str,), "a string")}
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ class DFQConfig:
     def __post_init__(self):
         def bad(msg):
             raise DFQConfigError(f"dfq config: {msg}")
+
+        for f in dataclasses.fields(self):  # TOML values of the wrong type: a string is never a number or a flag
+            v = getattr(self, f.name)
+            kind = SIMPLE_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+            if kind is not None and not (isinstance(v, kind[0]) and (kind[0] == (bool,) or not isinstance(v, bool))):
+                bad(f"{f.name} must be {kind[1]}, got {type(v).__name__} {v!r}")
 
         for name in ("num_images", "batch_size", "iterations", "calib_batch_size", "ft_batch_size",
                      "entropy_rows", "psaq_kde_points", "q_init_images", "log_every"):

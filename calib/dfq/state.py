@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from maskaq_deploy.calib.checkpoint import atomic_path, atomic_write_json
+from maskaq_deploy.calib.checkpoint import atomic_save_safetensors, atomic_write_json
 from maskaq_deploy.calib.dfq.distributed import SINGLE, DistContext
 from maskaq_deploy.calib.dfq.errors import ResumeError
 
@@ -50,8 +50,7 @@ def generators(seed: int, device) -> tuple[torch.Generator, torch.Generator]:
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata)
 
 
 def _atomic_json(path: Path, obj) -> None:

@@ -92,16 +92,20 @@ def test_bad_npz_files(files, tmp_path):
     _bad(*base, "--calib-data", tmp_path / "labels.npz", match="labels must be N integers")
 
 
-def test_output_directory_not_empty_needs_force(files, tmp_path):
+def test_force_replaces_only_a_run(files, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "something").write_text("x")
     args = ["calibrate", *MODEL, "--checkpoint", files / "ck.pth", "--method", "real",
             "--calib-data", files / "data.npz", "--num-images", "16", "--out", out]
-    _bad(*args, match="--force")
-    r = invoke(*args, "--force")
+    _bad(*args, "--force", match="not a maskaq-deploy run")
+    assert (out / "something").read_text() == "x"  # --force never deletes files that are not a run
+    run = tmp_path / "run"
+    assert invoke(*args[:-1], run).exit_code == 0
+    _bad(*args[:-1], run, match="--force")
+    r = invoke(*args[:-1], run, "--force")
     assert r.exit_code == 0, r.output
-    assert not (out / "something").exists() and (out / "manifest.json").exists()
+    assert (run / "manifest.json").exists() and not (tmp_path / ".run.partial").exists()
 
 
 def test_verify_on_a_directory_that_is_not_a_checkpoint(tmp_path):

@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from maskaq_deploy.rundir import staging_path
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Max |w_2proc - w_1proc| / max |w| over every tensor of the artifact. The two runs see the same images in the
@@ -210,7 +212,7 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     try:
         # killed in the refresh: the resume then loads the epoch-0 checkpoint (Q and momentum), the refresh
         # round's first saved wave, and makes the rest
-        trigger = out / "dfq" / "round001" / "batch00001.safetensors"
+        trigger = staging_path(out) / "dfq" / "round001" / "batch00001.safetensors"  # the run is written there
         deadline = time.monotonic() + 120
         while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -233,7 +235,8 @@ def test_killing_one_rank_fails_fast_then_resume_completes(tmp_path):
     assert not re.search(r"\[rank\d\]:.*Traceback", err), err[-3000:]  # no worker traceback, only torchrun's report
     time.sleep(0.5)
     assert not any(_alive(pid) for pid in workers.values()), "a worker outlived the job"
-    assert not json.loads((out / "dfq" / "run.json").read_text()).get("completed")
+    assert not out.exists()  # nothing replaces --out before the job succeeds; the stage keeps the batches
+    assert not json.loads((staging_path(out) / "dfq" / "run.json").read_text()).get("completed")
 
     # resume the interrupted job with the same launch; it reuses the saved batches and completes
     res = _run(2, cfg, out, "--resume")
@@ -263,7 +266,7 @@ def _hand_launched_pair(tmp_path, sig: int, extra_env: dict | None = None) -> tu
         logs.append((tmp_path / f"rank{rank}.txt").open("w+"))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
     try:
-        trigger = out / "dfq" / "round000" / "batch00001.safetensors"
+        trigger = staging_path(out) / "dfq" / "round000" / "batch00001.safetensors"
         deadline = time.monotonic() + 120
         while not trigger.exists() and procs[0].poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -294,7 +297,7 @@ def test_without_torchrun_the_survivor_fails_alone_naming_its_rank(tmp_path):
     rc, err = _hand_launched_pair(tmp_path, signal.SIGKILL)
     assert rc == 1
     _assert_one_error_line_naming_rank_0(err)
-    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
+    assert not json.loads((staging_path(tmp_path / "run") / "dfq" / "run.json").read_text()).get("completed")
 
 
 @pytest.mark.slow
@@ -305,7 +308,7 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(tmp_path):
     rc, err = _hand_launched_pair(tmp_path, signal.SIGSTOP, {"MASKAQ_DIST_TIMEOUT": "8"})
     assert rc == 1  # without the timeout rank 0 would wait forever, past the guard of _hand_launched_pair
     _assert_one_error_line_naming_rank_0(err)
-    assert not json.loads((tmp_path / "run" / "dfq" / "run.json").read_text()).get("completed")
+    assert not json.loads((staging_path(tmp_path / "run") / "dfq" / "run.json").read_text()).get("completed")
 
 
 def test_setup_passes_the_timeout(monkeypatch):

@@ -73,7 +73,8 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, keep_fp=()) -> Quantized
     attn_map = _attention_classes()
 
     def act():
-        return ActQuantizer(recipe.a_bits, recipe.a_symmetric, recipe.a_observer) if recipe.a_bits else None
+        return ActQuantizer(recipe.a_bits, recipe.a_symmetric, recipe.a_observer,
+                            recipe.number_format) if recipe.a_bits else None
 
     # Replace attention modules first (their qkv/proj children are then replaced like any Linear).
     for name, mod in list(model.named_modules()):
@@ -100,7 +101,8 @@ def attach_quantizers(model: nn.Module, recipe: Recipe, keep_fp=()) -> Quantized
         else:
             mod.input_quantizer = act()
             gran = recipe.w_granularity if isinstance(mod, QuantLinear) else "channel"
-            mod.weight_quantizer = WeightQuantizer(recipe.w_bits, gran, recipe.w_block_size, recipe.w_observer)
+            mod.weight_quantizer = WeightQuantizer(recipe.w_bits, gran, recipe.w_block_size, recipe.w_observer,
+                                                   recipe.number_format)
             mod.weight_quantizer.init_from(mod.weight)
         info.quantized.append(name)
     return info

@@ -4,6 +4,10 @@
 * ``ActQuantizer``: per tensor, symmetric signed (zero point 0, what TensorRT requires) or asymmetric, with a
   learned step size (LSQ) initialized by an observer.
 
+Number formats: ``int`` (the integer grids above) or ``e4m3`` (FP8 E4M3: x / scale saturated to +-448 and
+rounded to the nearest float8e4m3fn value, as TensorRT's and ONNX's FP8 QuantizeLinear do). An FP8 quantizer
+keeps the same machinery: its "qmax" is 448, so every observer's amax gives the scale amax / 448.
+
 Rounding uses a straight-through estimator; clamping passes no gradient to the clipped values (LSQ).
 A quantizer's exported state is exactly ``scale``, ``zero_point``, ``bits``, ``axis`` and ``block_size``:
 the ONNX exporter reads nothing else, so the torch model and the QDQ graph compute the same grid.
@@ -19,6 +23,9 @@ from torch import nn
 from maskaq_deploy.calib.observers import make_observer
 
 MIN_BITS, MAX_BITS = 2, 8
+INT, E4M3 = "int", "e4m3"
+FORMATS = (INT, E4M3)
+E4M3_MAX = 448.0  # largest finite float8e4m3fn value
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -38,12 +45,14 @@ class _LSQFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
-        code = torch.round(x / scale)
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float, float8: bool = False):
+        code = x / scale if float8 else torch.round(x / scale)
         if zero_point is not None:
             code.add_(zero_point)
         q = torch.clamp(code, qmin, qmax)
         in_range = q.eq(code) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        if float8:  # round to the nearest E4M3 value (the cast rounds to nearest even, like ONNX's saturating Q)
+            q = q.to(torch.float8_e4m3fn).to(x.dtype)
         if zero_point is not None:
             q.sub_(zero_point)
         out = q.mul_(scale)
@@ -62,18 +71,24 @@ class _LSQFakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             _, x, out, scale = ctx.saved_tensors
             grad_s = (grad * out - grad_x * x).sum_to_size(scale.shape) / scale * ctx.grad_factor
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
-                   grad_factor: float = 1.0) -> torch.Tensor:
+                   grad_factor: float = 1.0, float8: bool = False) -> torch.Tensor:
     """``fake_quant`` (same values) whose scale gradient is LSQ's, scaled by ``grad_factor``; the training
-    path. ``zero_point=None`` for a symmetric grid saves two passes over the tensor."""
-    return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+    path. ``zero_point=None`` for a symmetric grid saves two passes over the tensor. ``float8``: the E4M3
+    grid (qmin/qmax -448/448) instead of the integer one."""
+    return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, float8)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               float8: bool = False) -> torch.Tensor:
+    if float8:
+        y = torch.clamp(x / scale + zero_point, qmin, qmax)
+        q = (y.to(torch.float8_e4m3fn).to(x.dtype) - y).detach() + y  # straight through the E4M3 rounding
+    else:
+        q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 
@@ -87,6 +102,17 @@ def check_bits(bits: int, what: str) -> int:
     return bits
 
 
+def grid_range(bits: int, fmt: str, what: str) -> tuple:
+    """(qmin, qmax) of a symmetric signed grid in format ``fmt``: the integer codes, or +-448 for E4M3."""
+    if fmt not in FORMATS:
+        raise ValueError(f"{what} number format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == E4M3:
+        if bits != 8:
+            raise ValueError(f"an {E4M3} {what} quantizer has 8 bits, got {bits}")
+        return -E4M3_MAX, E4M3_MAX
+    return signed_range(bits)
+
+
 class WeightQuantizer(nn.Module):
     """Symmetric signed weight quantizer.
 
@@ -96,7 +122,8 @@ class WeightQuantizer(nn.Module):
     learnable parameter (LSQ) initialized from the weight by min-max or an MSE search over clipping ratios.
     """
 
-    def __init__(self, bits: int, granularity: str = "channel", block_size: int = 128, observer: str = "minmax"):
+    def __init__(self, bits: int, granularity: str = "channel", block_size: int = 128, observer: str = "minmax",
+                 fmt: str = INT):
         super().__init__()
         self.bits = check_bits(bits, "weight")
         if granularity not in ("channel", "block"):
@@ -105,17 +132,24 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"block size must be a power of two >= 2 (e.g. 32, 64, 128), got {block_size}")
         if observer not in ("minmax", "mse"):
             raise ValueError(f"weight observer must be 'minmax' or 'mse', got {observer!r}")
+        if fmt == E4M3 and granularity != "channel":
+            raise ValueError("FP8 (e4m3) weights are per-channel")
         self.granularity = granularity
         self.block_size = block_size if granularity == "block" else 0
         self.observer = observer
+        self.fmt = fmt
         self.enabled = True
-        self.qmin, self.qmax = signed_range(bits)
+        self.qmin, self.qmax = grid_range(bits, fmt, "weight")
         self.scale = nn.Parameter(torch.empty(0))
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
     def axis(self) -> int:
         return 0
+
+    @property
+    def float8(self) -> bool:
+        return self.fmt == E4M3
 
     def _blocked(self, w: torch.Tensor) -> tuple[torch.Tensor, int]:
         """View the weight as [out, groups, group] (per channel: one group of all inputs), zero-padded."""
@@ -141,7 +175,7 @@ class WeightQuantizer(nn.Module):
             zero = torch.zeros(())
             for ratio in torch.linspace(0.5, 1.0, 51).tolist():
                 s = (amax * ratio / self.qmax).unsqueeze(-1)
-                err = ((fake_quant(wb, s, zero, self.qmin, self.qmax) - wb) ** 2).sum(-1)
+                err = ((fake_quant(wb, s, zero, self.qmin, self.qmax, self.float8) - wb) ** 2).sum(-1)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best = torch.where(better, s.squeeze(-1), best)
@@ -158,7 +192,7 @@ class WeightQuantizer(nn.Module):
             self.init_from(w)
         wb, pad = self._blocked(w)
         g = 1.0 / math.sqrt(wb[0].numel() * self.qmax)
-        wq = lsq_fake_quant(wb, self._scale_view().to(wb.dtype), None, self.qmin, self.qmax, g)
+        wq = lsq_fake_quant(wb, self._scale_view().to(wb.dtype), None, self.qmin, self.qmax, g, self.float8)
         wq = wq.reshape(w.shape[0], -1)
         if pad:
             wq = wq[:, :-pad]
@@ -175,7 +209,7 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         g = f"block={self.block_size}" if self.granularity == "block" else "per-channel"
-        return f"bits={self.bits}, {g}, enabled={self.enabled}"
+        return f"bits={self.bits}, {self.fmt}, {g}, enabled={self.enabled}"
 
 
 class ActQuantizer(nn.Module):
@@ -186,14 +220,17 @@ class ActQuantizer(nn.Module):
     collects them; ``finish_calibration()`` sets the scale and zero point from the observed range.
     """
 
-    def __init__(self, bits: int, symmetric: bool = True, observer: str = "minmax"):
+    def __init__(self, bits: int, symmetric: bool = True, observer: str = "minmax", fmt: str = INT):
         super().__init__()
         self.bits = check_bits(bits, "activation")
+        if fmt == E4M3 and not symmetric:
+            raise ValueError("FP8 (e4m3) activations are symmetric (zero point 0)")
         self.symmetric = symmetric
+        self.fmt = fmt
         self.observer_name = observer
         self.observer = make_observer(observer)
         if symmetric:
-            self.qmin, self.qmax = signed_range(bits)
+            self.qmin, self.qmax = grid_range(bits, fmt, "activation")
         else:
             self.qmin, self.qmax = 0, (1 << bits) - 1
         self.enabled = True
@@ -204,6 +241,10 @@ class ActQuantizer(nn.Module):
 
     axis = None
     block_size = 0
+
+    @property
+    def float8(self) -> bool:
+        return self.fmt == E4M3
 
     def _params_for_range(self, lo: float, hi: float) -> tuple[float, float]:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -216,7 +257,7 @@ class ActQuantizer(nn.Module):
 
     def _range_error(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         scale, zp = self._params_for_range(lo, hi)
-        xq = fake_quant(x, torch.tensor(scale), torch.tensor(zp), self.qmin, self.qmax)
+        xq = fake_quant(x, torch.tensor(scale), torch.tensor(zp), self.qmin, self.qmax, self.float8)
         return ((xq - x) ** 2).mean()
 
     @torch.no_grad()
@@ -241,8 +282,8 @@ class ActQuantizer(nn.Module):
         g = 1.0 / math.sqrt(x[0].numel() * max(self.qmax, 1))
         s = self.scale.clamp_min(1e-8).to(x.dtype)
         zp = None if self.symmetric else self.zero_point.to(x.dtype)
-        return lsq_fake_quant(x, s, zp, self.qmin, self.qmax, g)
+        return lsq_fake_quant(x, s, zp, self.qmin, self.qmax, g, self.float8)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"bits={self.bits}, {kind}, observer={self.observer_name}, enabled={self.enabled}"
+        return f"bits={self.bits}, {self.fmt}, {kind}, observer={self.observer_name}, enabled={self.enabled}"

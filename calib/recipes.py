@@ -1,7 +1,8 @@
 """Quantization recipes: plain, frozen data that the quantizer attachment reads.
 
-A recipe names the weight bits and granularity, the activation bits and symmetry, the observers, and which
-modules stay in float (fnmatch patterns on module names). Custom recipes come from a TOML file:
+A recipe names the number format (integer grids, or FP8 E4M3), the weight bits and granularity, the activation
+bits and symmetry, the observers, whether the attention matmuls are quantized, and which modules stay in float
+(fnmatch patterns on module names). Custom recipes come from a TOML file:
 
     [recipe]
     name = "w6a6"
@@ -17,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from maskaq_deploy.calib.errors import RecipeError
-from maskaq_deploy.calib.quantizers import MAX_BITS, MIN_BITS
+from maskaq_deploy.calib.quantizers import E4M3, FORMATS, INT, MAX_BITS, MIN_BITS
 from maskaq_deploy.calib.tomlfile import read_toml
 
 
@@ -37,8 +38,9 @@ class Recipe:
     w_observer: str = "minmax"  # "minmax" | "mse"
     a_symmetric: bool = True
     a_observer: str = "percentile"  # "minmax" | "percentile" | "mse"
-    quantize_attention: bool = True  # quantize the inputs of q @ k^T and attn @ v
+    quantize_attention: bool = True  # quantize the inputs of q @ k^T and attn @ v (--attention-qdq on|off)
     keep_fp: tuple[str, ...] = ()
+    number_format: str = INT  # "int" | "e4m3" (FP8: 8-bit weights and activations, symmetric, per-channel weights)
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -62,6 +64,12 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: w_observer must be 'minmax' or 'mse'")
         if self.a_observer not in ("minmax", "percentile", "mse"):
             raise RecipeError(f"recipe {self.name!r}: a_observer must be 'minmax', 'percentile' or 'mse'")
+        if self.number_format not in FORMATS:
+            raise RecipeError(f"recipe {self.name!r}: number_format must be one of {', '.join(FORMATS)}")
+        if self.number_format == E4M3 and (self.w_bits != 8 or self.a_bits != 8 or not self.a_symmetric
+                                           or self.w_granularity != "channel"):
+            raise RecipeError(f"recipe {self.name!r}: number_format 'e4m3' (FP8) takes w_bits = 8, a_bits = 8, "
+                              "a_symmetric = true and w_granularity = \"channel\"")
 
     @property
     def weight_only(self) -> bool:
@@ -96,6 +104,8 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe("w8a8", w_bits=8, a_bits=8),
+        # FP8 E4M3 (Hopper, Ada, Thor): per-channel weights, per-tensor activations, the same observers as w8a8
+        Recipe("fp8", w_bits=8, a_bits=8, number_format=E4M3),
         Recipe("w4a16", w_bits=4, a_bits=None, w_granularity="block", w_block_size=128, w_observer="mse"),
         Recipe("w4a8", w_bits=4, a_bits=8, w_observer="mse"),
         Recipe("w5a5", w_bits=5, a_bits=5, w_observer="mse", a_symmetric=False, a_observer="mse",

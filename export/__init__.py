@@ -23,7 +23,7 @@ _LAZY = {
     "export_qdq_onnx": "maskaq_deploy.export.qdq",
     "build_qdq_model": "maskaq_deploy.export.qdq",
     "QDQExport": "maskaq_deploy.export.qdq",
-    "FLAVOURS": "maskaq_deploy.export.qdq",
+    "FLAVOURS": "maskaq_deploy.export.registry",
     # per-op rules, conformance, inspection
     "REGISTRY": "maskaq_deploy.export.registry",
     "OpRule": "maskaq_deploy.export.registry",

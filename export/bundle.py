@@ -6,7 +6,10 @@
       golden_inputs.npz     images (N, C, H, W) float32, key "inputs"
       golden_outputs.npz    onnxruntime logits of the QDQ graph on them, key "logits"
       verify_engine.py      runs model.engine on the golden inputs, compares; exit 0 pass, 1 fail, 2 cannot run
-      manifest.json         model, recipe, I/O names and shapes, TensorRT settings, commands, sha256 of every file
+      README.md             how to build, verify and time the engine on the device (precision, FP8's GPU floor,
+                            attention Q/DQ on vs off with trtexec)
+      manifest.json         model, recipe, I/O names and shapes, TensorRT settings (float dtype, FP8, attention
+                            Q/DQ), commands, sha256 of every file
 
 An engine is specific to the TensorRT version and GPU that built it, so the bundle carries the graph, not an
 engine. The bundle is assembled in a temporary directory and renamed into place, so a reader never sees half
@@ -29,6 +32,7 @@ import numpy as np
 
 from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json
 from maskaq_deploy.export.errors import ExportError
+from maskaq_deploy.export.targets import FP8_MIN_COMPUTE_CAPABILITY
 from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
 from maskaq_deploy.runtimes.registry import TENSORRT
@@ -36,6 +40,9 @@ from maskaq_deploy.runtimes.registry import TENSORRT
 BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"
 BUILD_SCRIPT, VERIFY_SCRIPT, MANIFEST_FILE = "build_engine.sh", "verify_engine.py", "manifest.json"
+README_FILE = "README.md"
+ATTENTION_OFF_ONNX = "model.attn-float.qdq.onnx"  # the README's name for the graph without attention Q/DQ
+FP8_MIN_CC = ".".join(map(str, FP8_MIN_COMPUTE_CAPABILITY))
 BUNDLE_SCHEMA_VERSION = 1
 _PARTIAL_ENGINE = ".model.engine.partial"
 
@@ -90,8 +97,33 @@ _SCRIPT = r"""#!/usr/bin/env bash
 #   WORKSPACE_MIB=N            cap the builder workspace (--memPoolSize=workspace:N, MiB)
 #   TRT10_TYPING=weak          TensorRT 10.x only: --int8 --fp16 instead of --stronglyTyped, so the float
 #                              layers may run in FP16 (deprecated since 10.12; TensorRT 11 has no such flags)
+#   COMPUTE_CAPABILITY=X.Y     the GPU's compute capability, when nvidia-smi cannot tell (FP8 bundles check it)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# FP8 (E4M3) engines need FP8 tensor cores: compute capability 8.9 or later (Ada, Hopper, Blackwell, Thor).
+min_cc="@MIN_CC@"
+if [ -n "$min_cc" ]; then
+  cc="${COMPUTE_CAPABILITY:-}"
+  if [ -z "$cc" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ' || true)"
+  fi
+  if [ -z "$cc" ] && [ -r /proc/device-tree/model ]; then  # Jetson: no nvidia-smi query; the board says
+    case "$(tr -d '\0' < /proc/device-tree/model)" in
+      *Orin*) cc=8.7 ;;
+      *Xavier*) cc=7.2 ;;
+      *Thor*) cc=11.0 ;;
+    esac
+  fi
+  if [ -z "$cc" ]; then
+    echo "build_engine.sh: cannot read the GPU's compute capability (FP8 needs $min_cc+); set COMPUTE_CAPABILITY" >&2
+  elif ! awk -v have="$cc" -v need="$min_cc" 'BEGIN { split(have, a, "."); split(need, b, ".");
+        exit !((a[1] + 0 > b[1] + 0) || (a[1] + 0 == b[1] + 0 && a[2] + 0 >= b[2] + 0)) }'; then
+    need="FP8 (E4M3) needs compute capability $min_cc or later (Ada, Hopper, Blackwell, Thor)"
+    echo "build_engine.sh: this GPU is $cc, and $need; build a w8a8 bundle for this device" >&2
+    exit 3
+  fi
+fi
 
 if [ -n "${TRTEXEC:-}" ]; then
   trtexec_bin="$TRTEXEC"
@@ -149,11 +181,13 @@ echo "build_engine.sh: wrote $(pwd)/@ENGINE@; check it with: python3 verify_engi
 """
 
 
-def build_script(io: ModelIO, profile: dict | None, workspace_mib: int | None = None) -> str:
+def build_script(io: ModelIO, profile: dict | None, workspace_mib: int | None = None, *, fp8: bool = False) -> str:
+    """build_engine.sh; an ``fp8`` bundle first checks that the GPU has FP8 tensor cores."""
     def quoted(**kw) -> str:
         return " ".join(shlex.quote(a) for a in trtexec_args(engine=_PARTIAL_ENGINE, io=io, profile=profile, **kw))
 
-    return (_SCRIPT.replace("@ARGS_10_WEAK@", quoted(major=10, weak_typing=True))
+    return (_SCRIPT.replace("@MIN_CC@", FP8_MIN_CC if fp8 else "")
+            .replace("@ARGS_10_WEAK@", quoted(major=10, weak_typing=True))
             .replace("@ARGS_10@", quoted(major=10)).replace("@ARGS_11@", quoted(major=11))
             .replace("@WORKSPACE@", "" if workspace_mib is None else str(int(workspace_mib)))
             .replace("@PARTIAL@", _PARTIAL_ENGINE).replace("@ENGINE@", ENGINE_FILE))
@@ -202,6 +236,74 @@ def _check_golden(golden_inputs, io: ModelIO) -> np.ndarray:
     return x
 
 
+def graph_precision(onnx_path) -> dict:
+    """What the graph computes in: float dtype and attention Q/DQ (the exporter's metadata), FP8 Q/DQ."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    fp8 = any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+    return {"float_dtype": meta.get("maskaq.float_dtype", "fp32"), "fp8": fp8,
+            "attention_qdq": meta.get("maskaq.attention_qdq", "on")}
+
+
+_README = """# TensorRT bundle: @MODEL@, recipe @RECIPE@
+
+An engine is specific to the TensorRT version and GPU that build it, so this bundle carries the QDQ graph and
+builds the engine on the device. Files: `model.qdq.onnx` (the graph), `build_engine.sh`, `verify_engine.py`,
+`golden_inputs.npz` / `golden_outputs.npz` (onnxruntime logits of the same graph), `manifest.json`.
+
+    bash build_engine.sh            # trtexec, TensorRT 10.x or 11.x (TRTEXEC=/path/to/trtexec to pick one)
+    python3 verify_engine.py        # model.engine against the golden outputs; exit 0 pass, 1 fail, 2 cannot run
+
+## Precision
+
+The graph is strongly typed: TensorRT takes each layer's precision from its tensor types. Quantized GEMM inputs
+are @QUANT@ Q/DQ pairs; everything else (LayerNorm, Softmax, GELU, residual adds, GEMM outputs) is
+@FLOAT_DTYPE@. The model input and output are float32 (a Cast at each end), so any float32 caller works.
+@FP8_NOTE@
+## Quantized or float attention: time both on the device
+
+The attention matmuls (q @ k^T, attn @ v) @ATTENTION@. On some TensorRT versions quantized attention does not
+fuse into one attention kernel and costs more than float attention, so measure on the device. On the machine
+with the run directory, export the other graph and copy it next to this file:
+
+    maskaq-deploy export RUN --for tensorrt --attention-qdq @OTHER@ --float-dtype @FLOAT_DTYPE@ --out @OTHER_ONNX@
+
+then build and time both with trtexec (TensorRT 10.x shown; on 11.x drop --stronglyTyped):
+
+    @CMD_THIS@
+    @CMD_OTHER@
+
+and compare the "GPU Compute Time" median of the two runs. To deploy the other one, rename its engine to
+`model.engine` and run `python3 verify_engine.py`: the golden outputs come from `model.qdq.onnx`, so expect
+agreement a little below 100% (the default threshold is 99%).
+"""
+
+
+def bundle_readme(manifest: dict, io: ModelIO, profile: dict | None, precision: dict) -> str:
+    """The bundle's README.md: build, verify, precision, and the attention on/off timing comparison."""
+    on = precision["attention_qdq"] == "on"
+    quant = "FP8 (E4M3)" if precision["fp8"] else "INT8"
+    fp8_note = (f"\nFP8 needs FP8 tensor cores: GPU compute capability {FP8_MIN_CC} or later (Ada, Hopper, Blackwell, "
+                "Jetson Thor). build_engine.sh checks it first and stops with one line on older GPUs (Jetson Orin "
+                "is 8.7): build a w8a8 bundle for those.\n" if precision["fp8"] else "")
+
+    def timing(onnx: str, engine: str) -> str:
+        return shlex.join(["trtexec", *trtexec_args(10, io, profile, onnx=onnx, engine=engine)])
+
+    return (_README.replace("@MODEL@", str(manifest.get("model", {}).get("name")
+                                          or manifest.get("model", {}).get("timm_name", "model")))
+            .replace("@RECIPE@", str(manifest.get("recipe", {}).get("name", "?")))
+            .replace("@QUANT@", quant).replace("@FP8_NOTE@", fp8_note)
+            .replace("@FLOAT_DTYPE@", precision["float_dtype"])
+            .replace("@ATTENTION@", f"carry {quant} Q/DQ in this graph" if on
+                     else f"compute in {precision['float_dtype']} in this graph (exported with --attention-qdq off)")
+            .replace("@OTHER@", "off" if on else "on").replace("@OTHER_ONNX@", ATTENTION_OFF_ONNX)
+            .replace("@CMD_THIS@", timing(ONNX_FILE, "attention-" + ("qdq" if on else "float") + ".engine"))
+            .replace("@CMD_OTHER@", timing(ATTENTION_OFF_ONNX, "attention-" + ("float" if on else "qdq") + ".engine")))
+
+
 def _template_text() -> str:
     return importlib.resources.files("maskaq_deploy.export").joinpath("templates", VERIFY_SCRIPT).read_text()
 
@@ -224,6 +326,7 @@ def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_b
     profile = profile_shapes(io, min_batch, opt_batch, max_batch)
     inputs = _check_golden(golden_inputs, io)
     logits = run_onnxruntime(onnx_path, inputs)
+    precision = graph_precision(onnx_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / BUNDLE_DIR
@@ -235,8 +338,9 @@ def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_b
             shutil.copyfile(onnx_path.parent / rel, tmp / rel)
         atomic_write_bytes(tmp / GOLDEN_INPUTS, _npz_bytes(inputs=inputs))
         atomic_write_bytes(tmp / GOLDEN_OUTPUTS, _npz_bytes(logits=logits))
-        atomic_write_bytes(tmp / BUILD_SCRIPT, build_script(io, profile, workspace_mib).encode())
+        atomic_write_bytes(tmp / BUILD_SCRIPT, build_script(io, profile, workspace_mib, fp8=precision["fp8"]).encode())
         atomic_write_bytes(tmp / VERIFY_SCRIPT, _template_text().encode())
+        atomic_write_bytes(tmp / README_FILE, bundle_readme(manifest, io, profile, precision).encode())
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         full = {
             **manifest,
@@ -245,7 +349,8 @@ def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_b
             "output": {"name": io.output_name, "shape": list(io.output_shape)},
             "tensorrt": {
                 "flavour": flavour, "versions": ["10.x", "11.x"], "strongly_typed": True,
-                "int4_weights": io.int4_weights, "workspace_mib": workspace_mib,
+                "int4_weights": io.int4_weights, "workspace_mib": workspace_mib, **precision,
+                "min_compute_capability": FP8_MIN_CC if precision["fp8"] else None,
                 "profile": None if profile is None else {k: list(v) for k, v in profile.items()},
             },
             "golden": {"count": len(inputs), "inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,

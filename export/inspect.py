@@ -3,7 +3,9 @@
 Bit widths come from the exporter's metadata (``maskaq.bits``: the effective grid, e.g. 4 for a w4a4 graph
 that simulates 4-bit activations in 8-bit Q/DQ) and, for graphs from elsewhere, from the integer types.
 A quantized op is labelled ``w{W}a{A}`` (weight and activation quantized), ``w{W}afp`` (weight-only, float
-activations) or ``a{A}a{B}`` (two quantized activations: the attention matmuls).
+activations) or ``a{A}a{B}`` (two quantized activations: the attention matmuls). W and A are bit widths of
+integer grids held in int8/uint8, ``int4`` for weights stored as INT4, and ``fp8`` for FP8 E4M3 Q/DQ: an FP8
+graph reads ``wfp8afp8``, a TensorRT weight-only INT4 GEMM ``wint4afp``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from onnx import TensorProto
 
 from maskaq_deploy.export.errors import NoQDQError
 from maskaq_deploy.export.registry import quantized_op_types
-from maskaq_deploy.export.rules import GraphView, Violation, check_onnxruntime, check_tensorrt, load_model
+from maskaq_deploy.export.graph import GraphView
+from maskaq_deploy.export.rules import (
+    Violation,
+    check_onnxruntime,
+    check_tensorrt,
+    half_dtype,
+    load_model,
+    tensor_types,
+)
 
 BITS_METADATA_KEY = "maskaq.bits"
 _TYPE_BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4,
               TensorProto.INT16: 16, TensorProto.UINT16: 16, TensorProto.FLOAT8E4M3FN: 8}
-_QUANT_INIT_TYPES = set(_TYPE_BITS) - {TensorProto.FLOAT8E4M3FN}
+_QUANT_INIT_TYPES = set(_TYPE_BITS)
 # onnxruntime's fused / contrib quantized ops: (weight input, activation inputs)
 _FUSED = {
     "MatMulIntegerToFloat": (None, (0, 1)),
@@ -55,6 +65,7 @@ class InspectReport:
     quantized_ops: dict  # op type -> {label: count}
     has_qdq: bool
     flavour: str | None
+    float_dtype: str  # what the unquantized ops compute in: fp32, fp16 or bf16
     tensorrt_violations: list = field(default_factory=list)
     onnxruntime_violations: list = field(default_factory=list)
 
@@ -90,27 +101,48 @@ def _io(values) -> list:
 
 
 class _Bits:
-    """Bit width and kind (weight / activation) of a tensor feeding a quantized op."""
+    """Grid (bit width, or the INT4 / FP8 container) and kind (weight / activation) of a tensor feeding a
+    quantized op."""
 
     def __init__(self, G: GraphView, meta: dict):
         self.G, self.meta = G, meta
 
-    def of(self, tensor: str) -> tuple[int | None, bool]:
-        """(bits or None when float, is_weight)."""
+    def _container(self, tensor: str) -> int | None:
         G = self.G
-        if tensor in self.meta:
-            return int(self.meta[tensor]), G.is_constant(tensor)
         p = G.producer.get(tensor)
-        if p is not None and p.op_type == "DequantizeLinear":
-            return _TYPE_BITS.get(G.qdq_dtype(p)), G.is_constant(p.input[0])
-        if p is not None and p.op_type == "QuantizeLinear":
-            return _TYPE_BITS.get(G.qdq_dtype(p)), False
-        if tensor in G.inits and G.inits[tensor].data_type in _QUANT_INIT_TYPES:
-            return _TYPE_BITS[G.inits[tensor].data_type], True
-        return None, G.is_constant(tensor)
+        if p is not None and p.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            return G.qdq_dtype(p)
+        return G.inits[tensor].data_type if tensor in G.inits else None
+
+    def of(self, tensor: str) -> tuple[str | None, bool]:
+        """(grid label or None when float, is_weight)."""
+        G = self.G
+        container = self._container(tensor)
+        p = G.producer.get(tensor)
+        if tensor in self.meta:
+            bits, is_weight = int(self.meta[tensor]), G.is_constant(tensor)
+        elif p is not None and p.op_type == "DequantizeLinear":
+            bits, is_weight = _TYPE_BITS.get(container), G.is_constant(p.input[0])
+        elif p is not None and p.op_type == "QuantizeLinear":
+            bits, is_weight = _TYPE_BITS.get(container), False
+        elif container in _QUANT_INIT_TYPES:
+            bits, is_weight = _TYPE_BITS[container], True
+        else:
+            return None, G.is_constant(tensor)
+        return _grid_label(bits, container), is_weight
 
 
-def _label(weight: int | None, acts: list[int]) -> str | None:
+def _grid_label(bits: int | None, container: int | None) -> str | None:
+    if bits is None:
+        return None
+    if container == TensorProto.FLOAT8E4M3FN:
+        return "fp8"
+    if container in (TensorProto.INT4, TensorProto.UINT4) and bits == 4:
+        return "int4"
+    return str(bits)
+
+
+def _label(weight: str | None, acts: list[str]) -> str | None:
     if weight is not None:
         return f"w{weight}a{acts[0]}" if acts else f"w{weight}afp"
     if len(acts) >= 2:
@@ -147,15 +179,16 @@ def quantized_ops(proto: onnx.ModelProto) -> dict:
         elif node.op_type in _FUSED:
             w_idx, a_idx = _FUSED[node.op_type]
             if node.op_type == "MatMulNBits":
-                weight = int(G.attr(node, "bits", 4))
+                nbits = int(G.attr(node, "bits", 4))
+                weight = "int4" if nbits == 4 else str(nbits)
             elif node.op_type == "DynamicQuantizeMatMul":
-                weight, acts = 8, [8]
+                weight, acts = "8", ["8"]
             for i in ([w_idx] if w_idx is not None and weight is None else []) + list(a_idx):
                 if i >= len(node.input) or not node.input[i]:
                     continue
                 b, is_w = bits.of(node.input[i])
                 if b is None and node.op_type.startswith("Q"):
-                    b = 8
+                    b = "8"
                 if b is None:
                     continue
                 if is_w and weight is None:
@@ -168,6 +201,11 @@ def quantized_ops(proto: onnx.ModelProto) -> dict:
         if label is not None:
             counts.setdefault(node.op_type, Counter())[label] += 1
     return {op: dict(c) for op, c in sorted(counts.items())}
+
+
+def _float_dtype(proto: onnx.ModelProto) -> str:
+    half = half_dtype(proto, tensor_types(proto))
+    return {None: "fp32", TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}[half]
 
 
 def has_qdq(proto: onnx.ModelProto) -> bool:
@@ -213,6 +251,7 @@ def inspect_onnx(path, *, check_ort: bool = True, require_qdq: bool = False) -> 
         quantized_ops=quantized_ops(proto),
         has_qdq=qdq,
         flavour=meta.get("maskaq.flavour"),
+        float_dtype=_float_dtype(proto),
         tensorrt_violations=trt,
         onnxruntime_violations=ort_v,
     )

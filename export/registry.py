@@ -11,12 +11,64 @@ an if-chain over op types. An entry says which inputs of an op may carry Q/DQ an
 Ops registered with no quantizable inputs (Softmax, LayerNormalization, Gelu, Add, ...) stay float; a
 quantizer that feeds one of them, or an op missing from the registry, is an UnsupportedOpError at export.
 Adding an op is adding an entry here.
+
+An entry also says how a quantized weight of that op is written, per export flavour: an ordered tuple of
+lowerings (export/lowering.py), the first that applies wins (``OpRule.lower_weight``). The flavours' names
+and their activation containers are defined here, once (``FLAVOURS``).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from maskaq_deploy.export import lowering as lw
+from maskaq_deploy.export.errors import ExportError, TargetError
+from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What one export flavour does with activations (weights: the ops' lowerings below).
+
+    ``unsigned_acts``: activations in a uint8 container (a signed grid moves up by 128, zero point 128), which
+    onnxruntime's integer kernels need; otherwise int8 with zero point 0, as TensorRT requires.
+    ``simulate_grids``: sub-8-bit or asymmetric activation grids become a Clip + 8-bit Q/DQ; otherwise they are
+    a TargetError. ``float_dtypes``: the dtypes the unquantized ops may compute in (``--float-dtype``), the
+    default first (export/precision.py).
+    """
+
+    name: str
+    unsigned_acts: bool
+    simulate_grids: bool
+    float_dtypes: tuple[str, ...]
+
+    def float_dtype(self, requested: str | None) -> str:
+        """``requested`` (None: the default) if this flavour computes in it; ExportError otherwise."""
+        if requested is None:
+            return self.float_dtypes[0]
+        if requested not in self.float_dtypes:
+            raise ExportError(f"flavour {self.name} computes in {' or '.join(self.float_dtypes)}, not "
+                              f"{requested!r}" + ("; half precision is for --for tensorrt"
+                                                  if self.float_dtypes == ("fp32",) else ""))
+        return requested
+
+
+FLAVOURS: dict[str, Flavour] = {
+    # TensorRT builds strongly typed networks: a float32 tensor would run in FP32 there, so fp16 by default
+    TENSORRT: Flavour(TENSORRT, unsigned_acts=False, simulate_grids=False, float_dtypes=("fp16", "bf16", "fp32")),
+    # onnxruntime's CPU kernels compute in float32 (fp16 ops would be cast back and forth)
+    ONNXRUNTIME: Flavour(ONNXRUNTIME, unsigned_acts=True, simulate_grids=True, float_dtypes=("fp32",)),
+}
+
+
+def get_flavour(name) -> Flavour:
+    if isinstance(name, Flavour):
+        return name
+    try:
+        return FLAVOURS[name]
+    except KeyError:
+        raise ExportError(f"unknown export flavour {name!r}; choose one of {', '.join(FLAVOURS)}") from None
 
 
 class InputKind(str, enum.Enum):
@@ -33,18 +85,13 @@ class OpRule:
     """Q/DQ behaviour of one ONNX op type.
 
     ``inputs``: (input index, kind) pairs that may be quantized; empty = the op always stays float.
-    ``int4_weights``: INT4 block-wise weight DQ may feed it (TensorRT: MatMul/Gemm only).
-    ``weight_only_dq``: a quantized weight with float activations stays as DQ (TensorRT weight-only GEMM);
-    otherwise the dequantized values are folded into a float initializer (same numerics, no Q/DQ).
-    ``matmulnbits``: the onnxruntime flavour may lower INT4 weight-only to com.microsoft MatMulNBits.
+    ``lowerings``: {flavour name: lowerings tried in order} for a quantized weight input.
     ``trt_float_only``: TensorRT must not see a DequantizeLinear feeding it (it would run it in INT8).
     """
 
     op_type: str
     inputs: tuple[tuple[int, InputKind], ...] = ()
-    int4_weights: bool = False
-    weight_only_dq: bool = False
-    matmulnbits: bool = False
+    lowerings: dict = field(default_factory=dict, compare=False)
     trt_float_only: bool = False
     note: str = ""
     _by_index: dict = field(init=False, repr=False, compare=False)
@@ -57,7 +104,11 @@ class OpRule:
             raise ValueError(f"OpRule {self.op_type}: an input index is listed twice")
         if any(i < 0 for i, _ in pairs):
             raise ValueError(f"OpRule {self.op_type}: input indices must be >= 0")
+        unknown = sorted(set(self.lowerings) - set(FLAVOURS))
+        if unknown:
+            raise ValueError(f"OpRule {self.op_type}: lowerings for unknown flavour(s) {unknown}")
         object.__setattr__(self, "inputs", pairs)
+        object.__setattr__(self, "lowerings", {f: tuple(ls) for f, ls in self.lowerings.items()})
         object.__setattr__(self, "_by_index", dict(pairs))
 
     @property
@@ -71,15 +122,41 @@ class OpRule:
     def weight_inputs(self) -> tuple[int, ...]:
         return tuple(i for i, k in self.inputs if k is not InputKind.ACTIVATION)
 
+    @property
+    def int4_weights(self) -> bool:
+        """TensorRT takes INT4 block weights into this op (its tensorrt lowerings include the INT4 DQ)."""
+        return any(isinstance(lo, lw.Int4BlockDQ) for lo in self.lowerings.get(TENSORRT, ()))
+
+    def lower_weight(self, site: "lw.WeightSite") -> None:
+        """Write the quantized weight at ``site`` with the first of this op's lowerings that applies."""
+        for lowering in self.lowerings.get(site.flavour, ()):
+            if lowering.applies(site):
+                lowering.emit(site)
+                return
+        raise TargetError(f"weight quantizer {site.params.name}: {self.op_type} has no {site.flavour} form for a "
+                          f"{site.params.bits}-bit {site.params.granularity}-wise weight; keep that module float "
+                          "(keep_fp) or add a lowering in export/registry.py")
+
 
 A, W, E = InputKind.ACTIVATION, InputKind.WEIGHT, InputKind.EITHER
 
+# A GEMM keeps weight-only DQ (TensorRT's weight-only INT4 GEMM, onnxruntime's MatMulNBits); a Conv with float
+# activations gets its fake-quant values folded into a float weight (same numerics, no Q/DQ).
+_GEMM = {
+    TENSORRT: (lw.Int4BlockDQ(with_act_quant=False), lw.RefuseBlock(), lw.ChannelDQ()),
+    ONNXRUNTIME: (lw.MatMulNBits(), lw.Int4BlockDQ(with_act_quant=True), lw.BlockDQ(), lw.IntegerMatMul(),
+                  lw.ChannelDQ()),
+}
+_CONV = {
+    TENSORRT: (lw.FoldDequantized(), lw.RefuseBlock(), lw.ChannelDQ()),
+    ONNXRUNTIME: (lw.FoldDequantized(), lw.BlockDQ(), lw.ChannelDQ()),
+}
+
 _DEFAULT_RULES = (
-    OpRule("MatMul", ((0, A), (1, E)), int4_weights=True, weight_only_dq=True, matmulnbits=True,
-           note="Linear (3-D input) and both attention matmuls"),
-    OpRule("Gemm", ((0, A), (1, W)), int4_weights=True, weight_only_dq=True, matmulnbits=True,
+    OpRule("MatMul", ((0, A), (1, E)), _GEMM, note="Linear (3-D input) and both attention matmuls"),
+    OpRule("Gemm", ((0, A), (1, W)), _GEMM,
            note="Linear with 2-D input (classifier head); input 2 (bias) stays float"),
-    OpRule("Conv", ((0, A), (1, W)), note="patch embedding; input 2 (bias) stays float"),
+    OpRule("Conv", ((0, A), (1, W)), _CONV, note="patch embedding; input 2 (bias) stays float"),
     OpRule("Softmax", note="attention probabilities are quantized at av_matmul's input, not here"),
     OpRule("LayerNormalization", trt_float_only=True, note="INT8 LayerNorm loses accuracy"),
     OpRule("Gelu", trt_float_only=True, note="INT8 GELU loses accuracy"),

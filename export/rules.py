@@ -15,6 +15,15 @@
     trt-fused-attention  a fused Attention / MultiHeadAttention op (no Q/DQ can be placed inside it)
     trt-custom-op        a node from a non-ONNX domain (e.g. com.microsoft MatMulNBits), no TensorRT importer
     trt-opset            default-domain opset outside 13..22
+    trt-float32-tensor   a float32 tensor (other than the model's I/O) in a half-precision (fp16/bf16) graph: a
+                         strongly typed TensorRT network runs it, and the layer that makes it, in FP32
+    trt-scale-dtype      a Q/DQ scale whose type is not the float type the pair works in (QuantizeLinear: its
+                         input's; DequantizeLinear in a half graph: the half type), so the DQ output, and
+                         the GEMM behind it, would be float32
+
+A graph is half precision when its ``maskaq.float_dtype`` metadata says so, or (graphs from elsewhere) when
+most of its computed float tensors are fp16 or bf16; tensor types come from the graph's value_info, completed
+by ONNX shape inference. Why the scales follow the half type: export/precision.py.
 
 Opset bound: onnx-tensorrt (the parser inside TensorRT 10.x) documents ONNX opsets 9 to 22 in its
 docs/operators.md; NVIDIA's ONNX Opset Guide gives 25 as the maximum for TensorRT 11.x. 22 is the bound both
@@ -34,18 +43,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from maskaq_deploy.export.errors import OnnxFileError
-from maskaq_deploy.export.int4 import int4_initializer_to_array
+from maskaq_deploy.export.graph import INT4_TYPES, QDQ_OPS, GraphView
+from maskaq_deploy.export.precision import FLOAT_DTYPE_KEY, FLOAT_DTYPES
 from maskaq_deploy.export.registry import int4_consumers, trt_float_only_ops
 
 TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
 TRT_QDQ_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
-INT4_TYPES = {TensorProto.INT4, TensorProto.UINT4}
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                    "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 RULES = {
     "trt-zero-point": "Q/DQ zero points must be all zero",
@@ -59,6 +67,8 @@ RULES = {
     "trt-fused-attention": "attention must stay MatMul -> Softmax -> MatMul",
     "trt-custom-op": "only ONNX-domain ops (no onnxruntime contrib ops)",
     "trt-opset": f"opset {TRT_MIN_OPSET} to {TRT_MAX_OPSET}",
+    "trt-float32-tensor": "no float32 tensor but the model I/O in an fp16/bf16 graph",
+    "trt-scale-dtype": "Q/DQ scales have the float type the pair works in",
     "ort-load": "onnxruntime can create a CPU session at the default optimization level",
     "ort-int4-accuracy": "INT4 DQ -> MatMul needs session.qdq_matmulnbits_accuracy_level=0",
 }
@@ -93,92 +103,6 @@ def load_model(model) -> onnx.ModelProto:
         raise OnnxFileError(f"{path} is not an ONNX model (no IR version, opset or graph); export one with "
                             "'maskaq-deploy export'")
     return proto
-
-
-class GraphView:
-    """Producer / consumer / constant lookups over one graph (main graph only; subgraphs are not walked)."""
-
-    def __init__(self, proto: onnx.ModelProto):
-        self.proto = proto
-        g = proto.graph
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in g.node:
-            for i, name in enumerate(n.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((n, i))
-        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.value_types = {v.name: v.type.tensor_type.elem_type
-                            for v in list(g.input) + list(g.value_info) + list(g.output)}
-
-    def name(self, node) -> str:
-        return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
-
-    def is_constant(self, tensor: str) -> bool:
-        """An initializer, a Constant's output, or a Q/DQ / Transpose / Reshape of constants."""
-        if tensor in self.inits:
-            return True
-        p = self.producer.get(tensor)
-        if p is None:
-            return False
-        if p.op_type == "Constant":
-            return True
-        if p.op_type in QDQ_OPS + ("Transpose", "Reshape", "Cast", "Identity"):
-            return bool(p.input) and self.is_constant(p.input[0])
-        return False
-
-    def const_array(self, tensor: str):
-        """The value of a constant tensor (initializer or Constant), or None."""
-        t = self.inits.get(tensor)
-        if t is None:
-            p = self.producer.get(tensor)
-            if p is not None and p.op_type == "Constant":
-                for a in p.attribute:
-                    if a.name == "value":
-                        t = a.t
-        if t is None:
-            return None
-        if t.data_type in INT4_TYPES:
-            return int4_initializer_to_array(t)
-        try:
-            return numpy_helper.to_array(t)
-        except Exception:  # exotic types: treat as unknown
-            return None
-
-    def elem_type(self, tensor: str) -> int | None:
-        if tensor in self.inits:
-            return self.inits[tensor].data_type
-        p = self.producer.get(tensor)
-        if p is not None and p.op_type == "Constant":
-            for a in p.attribute:
-                if a.name == "value":
-                    return a.t.data_type
-        return self.value_types.get(tensor) or None
-
-    def qdq_dtype(self, node) -> int | None:
-        """The integer type a Q produces / a DQ consumes."""
-        if node.op_type == "DequantizeLinear":
-            t = self.elem_type(node.input[0])
-            if t:
-                return t
-            p = self.producer.get(node.input[0])
-            if p is not None and p.op_type == "QuantizeLinear":
-                return self.qdq_dtype(p)
-            return self.elem_type(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        for a in node.attribute:
-            if a.name == "output_dtype" and a.i:
-                return a.i
-        if len(node.input) > 2 and node.input[2]:
-            return self.elem_type(node.input[2])
-        return TensorProto.UINT8  # QuantizeLinear's default without a zero point
-
-    def attr(self, node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
 
 
 def _dtype_name(t: int | None) -> str:
@@ -218,7 +142,58 @@ def check_tensorrt(model) -> list[Violation]:
         if node.op_type not in QDQ_OPS:
             continue
         _check_qdq(G, node, add, int4_ok)
+    _check_float_types(proto, add)
     return out
+
+
+_HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def half_dtype(proto: onnx.ModelProto, types: dict) -> int | None:
+    """The half type (FLOAT16 / BFLOAT16) a graph computes in, or None for a float32 graph."""
+    meta = {p.key: p.value for p in proto.metadata_props}.get(FLOAT_DTYPE_KEY)
+    if meta in FLOAT_DTYPES:
+        return FLOAT_DTYPES[meta] if FLOAT_DTYPES[meta] in _HALF else None
+    produced = [types.get(o) for n in proto.graph.node for o in n.output]
+    floats = [t for t in produced if t in _HALF | {TensorProto.FLOAT}]
+    half = [t for t in floats if t in _HALF]
+    return max(set(half), key=half.count) if floats and 2 * len(half) > len(floats) else None
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict:
+    """{tensor name: element type} of every typed tensor: I/O, value_info, initializers, plus inferred ones."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # a graph shape inference cannot read: use what the file declares
+        inferred = proto
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    return types
+
+
+def _check_float_types(proto: onnx.ModelProto, add) -> None:
+    types = tensor_types(proto)
+    half = half_dtype(proto, types)
+    io = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
+    inits = {t.name for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in QDQ_OPS and len(node.input) > 1:
+            scale_t = types.get(node.input[1])
+            want = types.get(node.input[0]) if node.op_type == "QuantizeLinear" else half
+            if want is not None and scale_t is not None and scale_t != want:
+                add("trt-scale-dtype", node, f"scale is {_dtype_name(scale_t)} but the pair works in "
+                    f"{_dtype_name(want)}; store the scale as {_dtype_name(want)} (DequantizeLinear returns its "
+                    "scale's type)")
+        if half is None:
+            continue
+        bad = [o for o in node.output if o and o not in io and types.get(o) == TensorProto.FLOAT]
+        bad += [i for i in node.input if i in inits and node.op_type not in QDQ_OPS
+                and types.get(i) == TensorProto.FLOAT]
+        if bad:
+            add("trt-float32-tensor", node, f"{node.op_type} makes or reads float32 tensor {bad[0]!r} in a "
+                f"{_dtype_name(half)} graph; TensorRT would run it in FP32. Re-export with --float-dtype "
+                f"{'fp16' if half == TensorProto.FLOAT16 else 'bf16'}")
 
 
 def _check_qdq(G: GraphView, node, add, int4_ok: set) -> None:

@@ -2,9 +2,10 @@
 
     target        runs
     onnxruntime   every recipe (sub-8-bit grids run as QDQ simulation)
-    tensorrt      w8a8, w4a16, and custom recipes whose grids TensorRT's integer types hold exactly:
-                  int8 activations (symmetric) with 5..8-bit per-channel weights (int8 containers), or float
-                  activations with 2..4-bit block-wise weights (INT4 weight-only)
+    tensorrt      w8a8, fp8, w4a16, and custom recipes whose grids TensorRT's types hold exactly:
+                  int8 activations (symmetric) with 5..8-bit per-channel weights (int8 containers), float
+                  activations with 2..4-bit block-wise weights (INT4 weight-only), or FP8 E4M3 (the engine
+                  needs a GPU of compute capability 8.9 or later: Ada, Hopper, Blackwell, Thor; not Orin)
 
 TensorRT quantizes activations and weights to INT8 and supports INT4 for weights only
 (https://docs.nvidia.com/deeplearning/tensorrt/10.11.0/inference-library/work-quantized-types.html): it has
@@ -19,6 +20,7 @@ from maskaq_deploy.export.errors import TargetError
 from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
 
 TARGETS = (TENSORRT, ONNXRUNTIME)
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 
 class RecipeTargetError(TargetError):

@@ -146,6 +146,15 @@ def _ints(value: str | None, what: str):
     return out
 
 
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
+FLOAT_DTYPE_OPTION = click.option(
+    "--float-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+    help="tensorrt: dtype of everything not quantized (default fp16; model I/O stay float32).")
+
+
 def model_options(f):
     opts = [
         click.option("--model", "model", default=None,
@@ -174,7 +183,9 @@ def calib_options(f):
         click.option("--save-images", is_flag=True, default=None, help="Write a PNG grid of the synthetic images."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT from its last checkpoint."),
         click.option("--recipe", default=None,
-                     help="w8a8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
+                     help="w8a8, fp8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
+        click.option("--attention-qdq", type=click.Choice(["on", "off"]), default=None,
+                     help="Quantize the attention matmuls (default: the recipe's, on)."),
         click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
         click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
         click.option("--num-images", type=POSITIVE, default=None,
@@ -245,7 +256,7 @@ def resolve_configs(kw: dict):
         "dfq": dfq_table, "recipe": kw.get("recipe"),
         "keep_fp": tuple(kw["keep_fp"]) if kw.get("keep_fp") else None, "calib_data": kw.get("calib_data"),
         "num_images": kw.get("num_images"), "batch_size": kw.get("batch_size"), "seed": kw.get("seed"),
-        "device": kw.get("device")}, table="calibrate")
+        "device": kw.get("device"), "attention_qdq": _on_off(kw.get("attention_qdq"))}, table="calibrate")
     return model_cfg, calib_cfg
 
 
@@ -300,12 +311,30 @@ def _print_report(report) -> None:
     for col in ("runtime", "top-1 %", "drop (pts)", "agree vs FP", "agree vs torch", "SQNR vs torch dB"):
         table.add_column(col, justify="right")
     table.add_row("FP (float)", f"{report['fp_top1']:.2f}", "-", "-", "-", "-")
-    for name, r in report["runtimes"].items():
-        table.add_row(name, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
-                      f"{100 * r['agreement_vs_fp']:.2f}%",
-                      f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
-                      f"{r['sqnr_db_vs_torch']:.1f}" if r.get("sqnr_db_vs_torch") is not None else "-")
+    skipped = []
+    for name, runtime in report["runtimes"].items():
+        for label, r in _flavour_rows(name, runtime, skipped):
+            table.add_row(label, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
+                          f"{100 * r['agreement_vs_fp']:.2f}%",
+                          f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
+                          f"{r['sqnr_db_vs_torch']:.1f}" if r.get("sqnr_db_vs_torch") is not None else "-")
     Console().print(table)
+    for line in skipped:
+        click.echo(line)
+
+
+def _flavour_rows(name: str, r: dict, skipped: list) -> list:
+    """A runtime's row, then one per other export flavour verify ran on it (onnxruntime: both QDQ flavours)."""
+    def label(flavour, row):
+        return f"{name} ({flavour}, {row.get('float_dtype', 'fp32')})"
+
+    rows = [(label(r["flavour"], r) if "flavour" in r else name, r)]
+    for flavour, row in (r.get("flavours") or {}).items():
+        if "skipped" in row:
+            skipped.append(f"{name} ({flavour} flavour) not evaluated: {row['skipped']}")
+        elif flavour != r.get("flavour"):
+            rows.append((label(flavour, row), row))
+    return rows
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
@@ -385,9 +414,10 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch dimension.")
 @click.option("--bundle-only", is_flag=True,
               help="tensorrt: write the bundle and exit 0 without trying to build the engine here.")
+@FLOAT_DTYPE_OPTION
 @gate_options
-def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bundle_only, max_drop, baseline,
-          max_regression, **kw):
+def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bundle_only, float_dtype, max_drop,
+          baseline, max_regression, **kw):
     """Calibrate -> export -> verify (-> TensorRT bundle and engine): the whole chain on one model.
 
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
@@ -399,6 +429,11 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
     _setup_logging(quiet)
     limits = thresholds(max_drop, baseline, max_regression)
+    if float_dtype not in (None, "fp32") and target != TENSORRT:
+        raise UsageError(f"--float-dtype {float_dtype} is for --target tensorrt; {target} computes in fp32")
+    if float_dtype == "bf16":
+        raise UsageError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build with "
+                         "fp16, or export bf16 with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'")
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
@@ -406,7 +441,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     with _ProgressView(quiet) as view:
         result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
                            dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume,
-                           limits=limits, command=_command_line())
+                           limits=limits, command=_command_line(), float_dtype=float_dtype)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
     code = _finish(result.outcome, limits)
@@ -424,7 +459,10 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; 21 for INT4 weights).")
-def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
+@FLOAT_DTYPE_OPTION
+@click.option("--attention-qdq", type=click.Choice(["on", "off"]), default=None,
+              help="Q/DQ on the attention matmuls (default: as calibrated); off keeps them in the float dtype.")
+def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
     from maskaq_deploy.deploy import conformance, export
     from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
@@ -433,11 +471,14 @@ def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
     _setup_logging()
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
+    if float_dtype not in (None, "fp32") and flavour != TENSORRT:
+        raise UsageError(f"--float-dtype {float_dtype} is for --for tensorrt; {flavour} computes in fp32")
     with _run_lock(run):
-        res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset)
+        res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
+                     float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
         "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
-    click.echo(f"wrote {res.qdq_path} ({flavour}, opset {res.opset}; {counts})")
+    click.echo(f"wrote {res.qdq_path} ({flavour}, {res.float_dtype}, opset {res.opset}; {counts})")
     if flavour == TENSORRT:
         bad = conformance(res.qdq_path)
         click.echo(f"TensorRT conformance: {len(bad)} violation(s)")
@@ -449,7 +490,8 @@ def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset):
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-def inspect_cmd(model):
+@click.option("--strict", is_flag=True, help="Exit 1 when the graph breaks a TensorRT rule (a CI gate).")
+def inspect_cmd(model, strict):
     """Print TensorRT conformance violations, quantized ops by type and bit width, and the size of MODEL.onnx."""
     from rich.console import Console
     from rich.table import Table
@@ -458,7 +500,7 @@ def inspect_cmd(model):
 
     rep = inspect_onnx(model)
     console = Console()
-    console.print(f"{rep.path}: opset {rep.opset}, IR {rep.ir_version}, {rep.num_nodes} nodes, "
+    console.print(f"{rep.path}: opset {rep.opset}, IR {rep.ir_version}, {rep.num_nodes} nodes, {rep.float_dtype}, "
                   f"{rep.file_bytes / 1e6:.2f} MB on disk ({rep.quantized_initializer_bytes / 1e6:.2f} MB quantized "
                   f"weights, {rep.float_initializer_bytes / 1e6:.2f} MB float)")
     if not rep.has_qdq:
@@ -475,6 +517,8 @@ def inspect_cmd(model):
         console.print(f"{title}: {len(viol)} violation(s)")
         for v in viol:
             console.print(f"  {v}")
+    if strict and any(v.severity == "error" for v in rep.tensorrt_violations):
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.command("bench")

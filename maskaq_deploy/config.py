@@ -49,6 +49,7 @@ class CalibrateConfig:
     device: str = "cpu"
     save_images: bool = False  # write a PNG grid of the synthetic images into the run directory
     dfq: dict = dataclasses.field(default_factory=dict)  # DFQConfig field overrides ([dfq] table of --config)
+    attention_qdq: bool | None = None  # quantize the attention matmuls; None: as the recipe says
     version: int = CONFIG_VERSION
 
     def __post_init__(self):

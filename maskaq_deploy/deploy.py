@@ -39,6 +39,7 @@ class ExportResult:
     dynamic_batch: bool
     batch_size: int
     op_counts: dict
+    float_dtype: str = "fp32"
 
 
 def check_target(recipe_name: str, target: str) -> None:
@@ -51,8 +52,10 @@ def check_target(recipe_name: str, target: str) -> None:
 
 
 def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = None, fp_too: bool = True,
-           batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None) -> ExportResult:
-    """Export the run's checkpoint to QDQ ONNX (and its float graph to RUN/model.onnx)."""
+           batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
+           float_dtype: str | None = None, attention_qdq: bool | None = None) -> ExportResult:
+    """Export the run's checkpoint to QDQ ONNX (and its float graph to RUN/model.onnx).
+    ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
     from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
     if flavour not in FLAVOURS:
@@ -65,13 +68,14 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
             "maskaq.model": manifest.name, "maskaq.flavour": flavour,
             **provenance.artifact_metadata(run.path, manifest.to_dict())}
     res = export_qdq_onnx(run.quantized, qdq_path, flavour=flavour, batch_size=batch_size,
-                          dynamic_batch=dynamic_batch, opset=opset, metadata=meta)
+                          dynamic_batch=dynamic_batch, opset=opset, metadata=meta, float_dtype=float_dtype,
+                          attention_qdq=attention_qdq)
     fp_path = None
     if fp_too:
         fp_path = run.path / FP_ONNX
         export_fp_onnx(run.fp_model.model, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
     return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
-                        dict(res.op_counts))
+                        dict(res.op_counts), res.float_dtype)
 
 
 def conformance(qdq_path) -> list:
@@ -108,6 +112,33 @@ def run_backend(runtime: str, what, images, batch_size: int):
         for x, _ in images.batches(batch_size):
             outs.append(torch.from_numpy(np.asarray(rt.run(x.numpy()), dtype=np.float32)))
     return torch.cat(outs)
+
+
+def other_flavour_graphs(run: Run, done: str | None) -> dict:
+    """{flavour: QDQ graph path, or the reason there is none} for the export flavours other than ``done``
+    (the one RUN/model.qdq.onnx holds), exported with a dynamic batch to RUN/model.qdq.<flavour>.onnx."""
+    from maskaq_deploy.export.errors import ExportError
+
+    out = {}
+    for flavour in FLAVOURS:
+        if flavour == done:
+            continue
+        path = run.path / f"model.qdq.{flavour}.onnx"
+        try:
+            if not path.is_file():
+                export(run, flavour, out=path, fp_too=False, dynamic_batch=True)
+            out[flavour] = path
+        except ExportError as e:  # e.g. a recipe TensorRT cannot run
+            out[flavour] = str(e).splitlines()[0]
+    return out
+
+
+def graph_facts(path) -> dict:
+    """The export flavour and float dtype a QDQ graph records (report.json names what was evaluated)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {k: meta[f"maskaq.{k}"] for k in ("flavour", "float_dtype") if f"maskaq.{k}" in meta}
 
 
 def golden_inputs(images, n: int = GOLDEN_IMAGES) -> np.ndarray:

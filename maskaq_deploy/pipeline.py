@@ -67,6 +67,8 @@ def library_versions() -> dict:
 
 def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
     recipe = get_recipe(cfg.recipe)
+    if cfg.attention_qdq is not None:
+        recipe = dataclasses.replace(recipe, quantize_attention=cfg.attention_qdq)
     qmodel = copy.deepcopy(loaded.model)
     info = attach_quantizers(qmodel, recipe, keep_fp=cfg.keep_fp)
     checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in qmodel.named_modules() if n and "_quantizer" not in n])
@@ -179,13 +181,22 @@ def evaluate(run: Run, runtime: str = TORCH, *, artifact=None) -> RuntimeResult:
     else:
         checks.finite_logits(logits, f"the {runtime} artifact {Path(what).name}")
     run.seconds[f"eval_{runtime}"] = round(time.perf_counter() - t0, 3)
-    result = RuntimeResult(top1(logits, run.labels), round(agreement(run.fp_logits, logits), 6))
+    result = _score(run, logits, vs_torch=runtime != TORCH)
     if runtime != TORCH:
+        result.artifact = Path(what).name
+    if runtime == ONNXRUNTIME:  # which QDQ flavour and float dtype ran
+        result.extra.update(deploy.graph_facts(what))
+    return result
+
+
+def _score(run: Run, logits, *, vs_torch: bool) -> RuntimeResult:
+    """top-1 and agreement with the full-precision model; with ``vs_torch``, the comparison with torch."""
+    result = RuntimeResult(top1(logits, run.labels), round(agreement(run.fp_logits, logits), 6))
+    if vs_torch:
         m = compare_logits(run.logits[TORCH], logits)
         result.agreement_vs_torch = round(m["top1_agreement"], 6)
         result.sqnr_db_vs_torch = round(m["sqnr_db"], 3) if m["sqnr_db"] != float("inf") else None
         result.max_abs_diff_vs_torch = round(m["max_abs_diff"], 6)
-        result.artifact = Path(what).name
     return result
 
 
@@ -269,8 +280,25 @@ def verify(run, val_data: str | None = None, *, runtime: str = TORCH, limit: int
     results = {TORCH: evaluate(run, TORCH)}
     if runtime != TORCH:
         results[runtime] = evaluate(run, runtime, artifact=artifact)
+        if runtime == ONNXRUNTIME and artifact is None:
+            _other_flavours(run, results[runtime])
     return finish(run, make_report(run, results, runtime), limits=limits, sensitivity_images=sensitivity_images,
                   command=command)
+
+
+def _other_flavours(run: Run, main: RuntimeResult) -> None:
+    """verify --runtime onnxruntime: the other export flavour's QDQ graph too (the run's model.qdq.onnx holds
+    one), each flavour's figures in ``main.extra["flavours"]``."""
+    done = main.extra.get("flavour")
+    flavours = {done or "?": {k: v for k, v in main.to_dict().items() if k != "artifact"}}
+    for flavour, graph in deploy.other_flavour_graphs(run, done).items():
+        if isinstance(graph, str):  # why this flavour has no graph (a recipe TensorRT cannot run)
+            flavours[flavour] = {"skipped": graph}
+            continue
+        logits = deploy.run_backend(ONNXRUNTIME, graph, run.val_images, run.batch_size)
+        flavours[flavour] = {**_score(run, logits, vs_torch=True).to_dict(), "artifact": graph.name,
+                             **deploy.graph_facts(graph)}
+    main.extra["flavours"] = flavours
 
 
 @dataclasses.dataclass
@@ -287,10 +315,11 @@ class BuildResult:
 def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ONNXRUNTIME, force: bool = False,
           val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
           bundle_only: bool = False, progress=None, resume: bool = False,
-          limits: gate_mod.Thresholds | None = None, command: str | None = None) -> BuildResult:
+          limits: gate_mod.Thresholds | None = None, command: str | None = None,
+          float_dtype: str | None = None) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> evaluate on torch and the target's runtime ->
     TensorRT bundle and engine -> sensitivity, gate, report (written once). ``engine_missing_reason`` is set
-    when the target is tensorrt and no engine could be built here."""
+    when the target is tensorrt and no engine could be built here. ``float_dtype``: the tensorrt graph's."""
     if distributed.env_world()[1] > 1:
         err = UsageError("build runs in one process; for several processes launch 'torchrun ... -m maskaq_deploy "
                          "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
@@ -300,7 +329,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
     with rundir.writing(out, force=force, resume=resume, command=command) as stage:  # replaces ``out`` on success
         result = _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
                              dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress,
-                             resume=resume, limits=limits, command=command)
+                             resume=resume, limits=limits, command=command, float_dtype=float_dtype)
     out = Path(out)
     result.outcome.md_path, result.outcome.html_path = (out / result.outcome.md_path.name,
                                                          out / result.outcome.html_path.name)
@@ -308,7 +337,8 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
 
 
 def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, target: str, val_data, limit,
-                dynamic_batch: bool, bundle_only: bool, progress, resume: bool, limits, command) -> BuildResult:
+                dynamic_batch: bool, bundle_only: bool, progress, resume: bool, limits, command,
+                float_dtype: str | None = None) -> BuildResult:
     t0 = time.perf_counter()
     _check_val_data(model_cfg, val_data, limit)  # bad validation images fail now, not after the calibration
     run = calibrate(model_cfg, cfg, out, progress=progress, resume=resume)
@@ -316,7 +346,7 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
     results, runtime, engine_reason = {TORCH: evaluate(run, TORCH)}, TORCH, None
     if target != TORCH:
         t1 = time.perf_counter()
-        exp = export(run, target, dynamic_batch=dynamic_batch)
+        exp = export(run, target, dynamic_batch=dynamic_batch, float_dtype=float_dtype)
         run.seconds["export"] = round(time.perf_counter() - t1, 3)
         if target == TENSORRT:
             bad = deploy.conformance(exp.qdq_path)

@@ -157,12 +157,17 @@ def test_backend_rejects_wrong_image_shape(tmp_path, images):
         rt.run(np.zeros((1, 3, 8, 8), np.float32))
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a16"])
-def test_exported_tiny_vit_engine_matches_its_golden_outputs(tmp_path, recipe):
+@pytest.mark.parametrize("recipe, float_dtype", [("w8a8", "fp16"), ("w8a8", "fp32"), ("w4a16", "fp16"),
+                                                 ("fp8", "fp16")])
+def test_exported_tiny_vit_engine_matches_its_golden_outputs(tmp_path, recipe, float_dtype):
     """The whole deployment path on the project's own graph: calibrate a tiny ViT, export the tensorrt-flavour
-    QDQ graph, write the bundle, build the engine in it, and check it with the bundle's verify_engine.py."""
+    QDQ graph (fp16 around the quantized layers by default), write the bundle, build the engine in it, and check
+    it with the bundle's verify_engine.py. FP8 needs a GPU of compute capability 8.9 or later."""
     import timm
     import torch
+
+    if recipe == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"FP8 needs compute capability 8.9+, this GPU is {torch.cuda.get_device_capability()}")
 
     from maskaq_deploy.calib import RECIPES, attach_quantizers, calibrate_observers
     from maskaq_deploy.export.qdq import export_qdq_onnx
@@ -174,7 +179,8 @@ def test_exported_tiny_vit_engine_matches_its_golden_outputs(tmp_path, recipe):
     attach_quantizers(model, RECIPES[recipe])
     x = torch.randn(32, 3, 32, 32)
     calibrate_observers(model, lambda m: m(x))
-    exported = export_qdq_onnx(model, tmp_path / "model.onnx", flavour="tensorrt", batch_size=8, dynamic_batch=True)
+    exported = export_qdq_onnx(model, tmp_path / "model.onnx", flavour="tensorrt", batch_size=8, dynamic_batch=True,
+                               float_dtype=float_dtype)
     bundle = write_bundle(tmp_path / "run", exported.path, x.numpy(), manifest={"recipe": recipe}, max_batch=8)
     build_engine(bundle / "model.qdq.onnx", bundle, max_batch=8)
     spec = importlib.util.spec_from_file_location("bundle_verify_engine_vit", bundle / "verify_engine.py")

@@ -99,7 +99,7 @@ def test_bundle_files_and_manifest_hashes(tmp_path, qdq_onnx, images):
     assert bundle == out / "bundle"
     names = sorted(p.name for p in bundle.iterdir())
     assert names == sorted(["model.qdq.onnx", "build_engine.sh", "golden_inputs.npz", "golden_outputs.npz",
-                            "verify_engine.py", "manifest.json"])
+                            "verify_engine.py", "manifest.json", "README.md"])
     assert [p.name for p in out.iterdir()] == ["bundle"]  # no temporary directory left behind
     m = json.loads((bundle / "manifest.json").read_text())
     assert set(m["files"]) == set(names) - {"manifest.json"}
@@ -115,6 +115,9 @@ def test_bundle_files_and_manifest_hashes(tmp_path, qdq_onnx, images):
     assert m["output"] == {"name": "logits", "shape": [None, CLASSES]}
     assert m["tensorrt"]["profile"] == {"min": [1, *CHW], "opt": [4, *CHW], "max": [4, *CHW]}
     assert m["tensorrt"]["flavour"] == "tensorrt" and m["tensorrt"]["int4_weights"] is False
+    # a graph without the exporter's metadata: float32, INT8, attention as given
+    assert (m["tensorrt"]["float_dtype"], m["tensorrt"]["fp8"], m["tensorrt"]["min_compute_capability"]) == \
+        ("fp32", False, None)
     assert m["golden"]["count"] == len(images)
     assert "--stronglyTyped" in m["commands"]["trtexec_10"]
     assert "--stronglyTyped" not in m["commands"]["trtexec_11"]
@@ -273,6 +276,65 @@ def test_build_script_refuses_old_tensorrt_and_failed_builds(script_bundle):
     proc, args = run_script(bundle, fake, "110100", FAKE_FAIL="1")
     assert proc.returncode != 0 and args is not None
     assert not (bundle / "model.engine").exists()
+
+
+def fp8_bundle(tmp_path, images) -> Path:
+    """The tiny graph with its int8 Q/DQ turned into FP8 E4M3 ones (zero points float8, weights float8)."""
+    from maskaq_deploy.export.lowering import float8_initializer
+
+    model = onnx.load(make_qdq_onnx(tmp_path / "int8.onnx"))
+    inits = []
+    for t in model.graph.initializer:
+        if t.name in ("w_q", "a_zp"):
+            t = float8_initializer(t.name, np.clip(numpy_helper.to_array(t).astype(np.float32), -448, 448))
+        inits.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    model.metadata_props.add(key="maskaq.float_dtype", value="fp16")  # as the exporter records it
+    onnx.save(model, tmp_path / "fp8.onnx")
+    return B.write_bundle(tmp_path / "out8", tmp_path / "fp8.onnx", images[:2], manifest=MANIFEST, max_batch=4)
+
+
+@pytest.mark.parametrize("cc, code", [("8.7", 3), ("7.2", 3), ("8.9", 0), ("9.0", 0), ("10.0", 0)])
+def test_fp8_build_script_checks_compute_capability(tmp_path, images, script_bundle, cc, code):
+    _, fake = script_bundle
+    bundle = fp8_bundle(tmp_path, images)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["tensorrt"]["fp8"] is True and m["tensorrt"]["min_compute_capability"] == "8.9"
+    assert m["tensorrt"]["float_dtype"] == "fp16"
+    proc, args = run_script(bundle, fake, "110100", COMPUTE_CAPABILITY=cc)
+    assert proc.returncode == code, proc.stderr
+    if code:
+        assert args is None and len(proc.stderr.strip().splitlines()) == 1
+        assert f"this GPU is {cc}" in proc.stderr and "8.9 or later" in proc.stderr
+    else:
+        assert "--onnx=model.qdq.onnx" in args
+
+
+def test_fp8_build_script_reads_nvidia_smi(tmp_path, images, script_bundle):
+    _, fake = script_bundle
+    bundle = fp8_bundle(tmp_path, images)
+    smi = fake.parent / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 8.7\n")
+    smi.chmod(0o755)
+    proc, args = run_script(bundle, fake, "110100", on_path=True)
+    assert proc.returncode == 3 and "this GPU is 8.7" in proc.stderr and args is None
+
+
+def test_int8_build_script_skips_the_compute_capability_check(script_bundle):
+    bundle, fake = script_bundle
+    proc, args = run_script(bundle, fake, "110100", COMPUTE_CAPABILITY="7.2")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_says_how_to_compare_attention_engines(tmp_path, qdq_onnx, images):
+    bundle = B.write_bundle(tmp_path / "out", qdq_onnx, images[:2], manifest=MANIFEST, max_batch=4)
+    text = (bundle / "README.md").read_text()
+    assert "--attention-qdq off" in text and B.ATTENTION_OFF_ONNX in text
+    assert "trtexec --onnx=model.qdq.onnx" in text and f"trtexec --onnx={B.ATTENTION_OFF_ONNX}" in text
+    assert "GPU Compute Time" in text and "compute capability" not in text
+    fp8_text = (fp8_bundle(tmp_path, images) / "README.md").read_text()
+    assert "FP8 (E4M3)" in fp8_text and "8.9 or later" in fp8_text and "fp16" in fp8_text
 
 
 # ---- verify_engine.py --------------------------------------------------------------------------------------

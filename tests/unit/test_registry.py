@@ -238,3 +238,35 @@ def test_registry_decides_the_pass():
     register(OpRule("MatMul", ((1, "weight"),)), only_weights, replace=True)
     with pytest.raises(UnsupportedOpError, match="takes no activation Q/DQ on input 0"):
         insert_qdq(linear_graph(), {a.name: a, w.name: w}, "tensorrt", registry=only_weights)
+
+
+# ---- lowerings: per-op, per-flavour behaviour of the registry entries --------------------------------------
+
+def test_every_quantizable_op_has_a_lowering_per_flavour():
+    from maskaq_deploy.export.registry import FLAVOURS
+    from maskaq_deploy.export.targets import TARGETS
+
+    assert set(FLAVOURS) == set(TARGETS)
+    for op in quantized_op_types():
+        assert set(REGISTRY[op].lowerings) == set(FLAVOURS), op
+    assert REGISTRY["MatMul"].int4_weights and not REGISTRY["Conv"].int4_weights
+
+
+def test_an_entry_s_lowerings_decide_the_kernel(x):
+    from maskaq_deploy.export.lowering import ChannelDQ
+
+    reg = dict(REGISTRY)
+    mm = REGISTRY["MatMul"]
+    register(OpRule("MatMul", mm.inputs, {"onnxruntime": (ChannelDQ(),), "tensorrt": (ChannelDQ(),)}), reg,
+             replace=True)
+    m = linear_graph()
+    bias = _bias(m)
+    a, w = _act(), _weight()
+    insert_qdq(m, {a.name: a, w.name: w}, "onnxruntime", registry=reg)
+    assert "MatMulIntegerToFloat" not in ops(m) and ops(m)["DequantizeLinear"] == 2  # plain Q/DQ, not the kernel
+    assert sqnr_db(reference(x, a, w, bias), run(m, x)) > 100
+    register(OpRule("MatMul", mm.inputs, {"tensorrt": (ChannelDQ(),)}), reg, replace=True)
+    with pytest.raises(TargetError, match="MatMul has no onnxruntime form"):
+        insert_qdq(linear_graph(), {a.name: a, w.name: w}, "onnxruntime", registry=reg)
+    with pytest.raises(ValueError, match="unknown flavour"):
+        OpRule("MatMul", mm.inputs, {"tflite": (ChannelDQ(),)})

@@ -14,7 +14,7 @@ from maskaq_deploy.export.targets import (
 
 
 def test_builtin_support_matrix():
-    assert supported_recipes("tensorrt") == ["w8a8", "w4a16"]
+    assert supported_recipes("tensorrt") == ["w8a8", "fp8", "w4a16"]
     assert supported_recipes("onnxruntime") == list(RECIPES)
     for name in ("w8a8", "w4a16"):
         check_recipe_for_target(RECIPES[name], "tensorrt")
@@ -34,7 +34,7 @@ def test_tensorrt_refuses_with_recipe_reason_and_alternatives(name, reason):
     msg = str(e.value)
     assert f"recipe {name!r} cannot run on target 'tensorrt'" in msg
     assert reason in msg
-    assert "recipes that work there: w8a8, w4a16" in msg
+    assert "recipes that work there: w8a8, fp8, w4a16" in msg
     assert "--target onnxruntime" in msg
     assert "\n" not in msg
 

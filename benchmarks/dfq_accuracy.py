@@ -60,7 +60,7 @@ METHODS = {  # name: (calibration method, preset, config overrides)
     "maskaq-fast": ("maskaq", "fast", {}),
     "maskaq-std": ("maskaq", "standard", {}),
     "real": ("real", "fast", NO_RECON),
-    "real-recon": ("real", "fast", {}),
+    "real-recon": ("real", "fast", {"recon_real": True}),
     "real-std": ("real", "standard", {}),
 }
 DEFAULT_METHODS = ("noise", "psaq", "maskaq-calib", "maskaq-fast", "maskaq-std", "real", "real-recon")

@@ -84,6 +84,8 @@ class DFQConfig:
     recon_lr: float = 1e-3  # quantizer step sizes
     recon_weight_lr: float = 1e-4  # float weights, biases, norms (0: step sizes only)
     recon_drop: float = 0.5  # QDrop mixing: probability that an input element comes from P instead of Q
+    # method "real" is the calibration-only reference unless asked; true: it reconstructs too (its upper bound)
+    recon_real: bool = False
     # --- runtime
     # "auto": bf16 on CUDA for synthesis and the teacher's forwards, Q fine-tunes in float32; "bf16": bf16
     # everywhere (also on CPUs with fast bf16); "off": float32 everywhere.

@@ -32,7 +32,7 @@ from maskaq_deploy.calib.dfq.state import derive_seed
 
 class Source:
     name = ""
-    reconstructs = False
+    reconstructs = False  # a bool, or the name of the DFQConfig flag that turns reconstruction on
     finetunes = False
     refreshes = False
     needs_real_images = False
@@ -44,7 +44,8 @@ class Source:
             changes.update(epochs=0)
         if not self.refreshes:
             changes.update(refresh_every=0)
-        if not self.reconstructs:
+        reconstructs = self.reconstructs if isinstance(self.reconstructs, bool) else getattr(cfg, self.reconstructs)
+        if not reconstructs:
             changes.update(recon_iters=0)
         return cfg.replace(**changes) if changes else cfg
 
@@ -93,7 +94,7 @@ class NoiseSource(Source):
 @register
 class RealSource(Source):
     name = "real"
-    reconstructs = False  # the reference stays calibration-only (+ fine-tune when asked)
+    reconstructs = "recon_real"  # the reference stays calibration-only (+ fine-tune) unless recon_real is set
     finetunes = True
     needs_real_images = True
 

@@ -28,6 +28,11 @@ def test_each_source_switches_off_the_stages_it_does_not_have(method, stages):
     assert (cfg.epochs, cfg.refresh_every, cfg.recon_iters) == stages
 
 
+def test_real_reconstructs_only_when_asked():
+    assert effective_config("real", ALL_STAGES).recon_iters == 0
+    assert effective_config("real", ALL_STAGES.replace(recon_real=True)).recon_iters == 5
+
+
 def test_a_new_source_runs_through_the_driver(tmp_path):
     calls = []
 

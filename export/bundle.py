@@ -18,7 +18,6 @@ of one.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import io as _io
 import json
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json
+from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
 from maskaq_deploy.export.errors import ExportError
 from maskaq_deploy.export.targets import FP8_MIN_COMPUTE_CAPABILITY
 from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
@@ -207,14 +206,6 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _external_data_files(onnx_path: Path) -> list[str]:
     import onnx
 
@@ -341,7 +332,7 @@ def write_bundle(out_dir, qdq_onnx_path, golden_inputs, *, manifest: dict, min_b
         atomic_write_bytes(tmp / BUILD_SCRIPT, build_script(io, profile, workspace_mib, fp8=precision["fp8"]).encode())
         atomic_write_bytes(tmp / VERIFY_SCRIPT, _template_text().encode())
         atomic_write_bytes(tmp / README_FILE, bundle_readme(manifest, io, profile, precision).encode())
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         full = {
             **manifest,
             "bundle_schema_version": BUNDLE_SCHEMA_VERSION,

@@ -155,65 +155,62 @@ FLOAT_DTYPE_OPTION = click.option(
     help="tensorrt: dtype of everything not quantized (default fp16; model I/O stay float32).")
 
 
-def model_options(f):
-    opts = [
-        click.option("--model", "model", default=None,
-                     help="'embedded' (the shipped MNIST ViT, default) or a timm model name."),
-        click.option("--model-kwargs", default=None, help="JSON object of timm.create_model kwargs."),
-        click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
-                     help="Local .safetensors or .pth/.pt state dict (loaded weights-only)."),
-        click.option("--pretrained", is_flag=True, default=None,
-                     help="Load timm's pretrained weights (offline: from the hub cache)."),
-        click.option("--mean", default=None, help="Override the normalization mean, e.g. 0.5,0.5,0.5."),
-        click.option("--std", default=None, help="Override the normalization std."),
-        click.option("--input-size", default=None, help="Override the input size C,H,W."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def _option_group(*opts):
+    """A decorator applying click options in the order they are listed (so --help lists them that way)."""
+    def apply(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
 
 
-def calib_options(f):
-    opts = [
-        click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-                     help="TOML file with [model] and [calibrate] tables; options override it."),
-        click.option("--method", default=None,
-                     help="maskaq (default, data-free), psaq, noise (data-free baselines) or real (user images)."),
-        click.option("--preset", default=None, help="fast (default), standard (fine-tune + refresh) or paper."),
-        click.option("--save-images", is_flag=True, default=None, help="Write a PNG grid of the synthetic images."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT from its last checkpoint."),
-        click.option("--recipe", default=None,
-                     help="w8a8, fp8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
-        click.option("--attention-qdq", type=click.Choice(["on", "off"]), default=None,
-                     help="Quantize the attention matmuls (default: the recipe's, on)."),
-        click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
-        click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
-        click.option("--num-images", type=POSITIVE, default=None,
-                     help="Calibration images (synthetic or real); default: the preset's."),
-        click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
-        click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
-        click.option("--device", default=None, help="cpu or cuda."),
-        click.option("--force", is_flag=True,
-                     help="Replace the run in OUT (kept until the new one succeeds); never deletes other files."),
-        click.option("--quiet", is_flag=True, help="No progress bars; logs only."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+model_options = _option_group(
+    click.option("--model", "model", default=None,
+                 help="'embedded' (the shipped MNIST ViT, default) or a timm model name."),
+    click.option("--model-kwargs", default=None, help="JSON object of timm.create_model kwargs."),
+    click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+                 help="Local .safetensors or .pth/.pt state dict (loaded weights-only)."),
+    click.option("--pretrained", is_flag=True, default=None,
+                 help="Load timm's pretrained weights (offline: from the hub cache)."),
+    click.option("--mean", default=None, help="Override the normalization mean, e.g. 0.5,0.5,0.5."),
+    click.option("--std", default=None, help="Override the normalization std."),
+    click.option("--input-size", default=None, help="Override the input size C,H,W."),
+)
 
 
-def gate_options(f):
-    opts = [
-        click.option("--max-drop", type=float, default=None,
-                     help="Fail (exit 4) when top-1 drops more than this many points vs full precision."),
-        click.option("--baseline", default=None, type=click.Path(dir_okay=False),
-                     help="A previous report.json of the same model and recipe to compare against."),
-        click.option("--max-regression", type=float, default=None,
-                     help="Fail (exit 4) when top-1 is this many points below the --baseline's."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+calib_options = _option_group(
+    click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+                 help="TOML file with [model] and [calibrate] tables; options override it."),
+    click.option("--method", default=None,
+                 help="maskaq (default, data-free), psaq, noise (data-free baselines) or real (user images)."),
+    click.option("--preset", default=None, help="fast (default), standard (fine-tune + refresh) or paper."),
+    click.option("--save-images", is_flag=True, default=None, help="Write a PNG grid of the synthetic images."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT from its last checkpoint."),
+    click.option("--recipe", default=None,
+                 help="w8a8, fp8, w4a16, w4a8, w5a5, w4a4, w3a3, or a recipe .toml file."),
+    click.option("--attention-qdq", type=click.Choice(["on", "off"]), default=None,
+                 help="Quantize the attention matmuls (default: the recipe's, on)."),
+    click.option("--keep-fp", multiple=True, help="Keep modules matching this fnmatch pattern in float."),
+    click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
+    click.option("--num-images", type=POSITIVE, default=None,
+                 help="Calibration images (synthetic or real); default: the preset's."),
+    click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
+    click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
+    click.option("--device", default=None, help="cpu or cuda."),
+    click.option("--force", is_flag=True,
+                 help="Replace the run in OUT (kept until the new one succeeds); never deletes other files."),
+    click.option("--quiet", is_flag=True, help="No progress bars; logs only."),
+)
+
+
+gate_options = _option_group(
+    click.option("--max-drop", type=float, default=None,
+                 help="Fail (exit 4) when top-1 drops more than this many points vs full precision."),
+    click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+                 help="A previous report.json of the same model and recipe to compare against."),
+    click.option("--max-regression", type=float, default=None,
+                 help="Fail (exit 4) when top-1 is this many points below the --baseline's."),
+)
 
 
 def _command_line() -> str:

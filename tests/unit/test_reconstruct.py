@@ -59,13 +59,19 @@ def test_units_follow_the_forward_order_of_vit_and_swin():
                                           "layers.1.blocks.1"]
 
 
-def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
+def _calibrated_pair(recipe: str, num_images: int):
+    """A tiny float ViT, its quantized copy calibrated on noise images, and those images."""
     torch.manual_seed(0)
     fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
     q = copy.deepcopy(fp)
-    attach_quantizers(q, RECIPES["w4a4"])
-    images = torch.randn(64, 1, 16, 16)
+    attach_quantizers(q, RECIPES[recipe])
+    images = torch.randn(num_images, 1, 16, 16)
     calibrate_observers(q, lambda m: m(images))
+    return fp, q, images
+
+
+def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
+    fp, q, images = _calibrated_pair("w4a4", 64)
     teacher = make_teacher(fp, q)
     cfg = DFQConfig(recon_iters=40, recon_batch_size=16, calib_batch_size=32, recon_weight_lr=1e-4)
     before = {}
@@ -87,12 +93,7 @@ def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
 
 def test_reconstruction_keeps_8_bit_weight_scales_positive():
     # 8-bit weight scales are ~1e-3: an uncapped step of recon_lr would push some below zero
-    torch.manual_seed(0)
-    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
-    q = copy.deepcopy(fp)
-    attach_quantizers(q, RECIPES["w8a8"])
-    images = torch.randn(32, 1, 16, 16)
-    calibrate_observers(q, lambda m: m(images))
+    fp, q, images = _calibrated_pair("w8a8", 32)
     reconstruct(make_teacher(fp, q), q, images, DFQConfig(recon_iters=30, recon_batch_size=16, recon_lr=1e-2), "cpu")
     scales = [p for n, p in q.named_parameters() if n.endswith("_quantizer.scale")]
     assert scales and all(bool((s > 0).all()) for s in scales)

@@ -65,7 +65,8 @@ METHODS = {  # name: (calibration method, preset, config overrides)
 }
 DEFAULT_METHODS = ("noise", "psaq", "maskaq-calib", "maskaq-fast", "maskaq-std", "real", "real-recon")
 # A synthesis loss term is ablated on maskaq-calib (the images are all that term changes); the reconstruction's
-# settings on maskaq-fast; the refresh on maskaq-std, the preset that refreshes.
+# settings (steps, what it trains, QDrop mixing, CutMix-extended sets, more images) on maskaq-fast; the guard on
+# maskaq-std.
 ABLATIONS = {
     "no-ce": ("maskaq", "fast", {"w_ce": 0.0, **NO_RECON}),
     "no-interhead": ("maskaq", "fast", {"w_interhead": 0.0, **NO_RECON}),
@@ -74,10 +75,22 @@ ABLATIONS = {
     "no-entropy": ("maskaq", "fast", {"w_entropy": 0.0, **NO_RECON}),
     "recon-scales-only": ("maskaq", "fast", {"recon_weight_lr": 0.0}),
     "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0}),
-    "recon-300": ("maskaq", "fast", {"recon_iters": 300}),
+    "recon-100": ("maskaq", "fast", {"recon_iters": 100}),
+    "recon-600": ("maskaq", "fast", {"recon_iters": 600}),
     "recon-wlr-1e-3": ("maskaq", "fast", {"recon_weight_lr": 1e-3}),
-    "no-refresh": ("maskaq", "standard", {"refresh_every": 0}),
+    "recon-100-cutmix-1": ("maskaq", "fast", {"recon_iters": 100, "recon_cutmix": 1.0}),
+    "recon-100-cutmix-3": ("maskaq", "fast", {"recon_iters": 100, "recon_cutmix": 3.0}),
+    "recon-cutmix-3": ("maskaq", "fast", {"recon_cutmix": 3.0}),
+    "recon-600-cutmix-1": ("maskaq", "fast", {"recon_iters": 600, "recon_cutmix": 1.0}),
+    "fast-512": ("maskaq", "fast", {"num_images": 512}),
+    "std-unguarded": ("maskaq", "standard", {"ft_holdout": 0.0, "ft_patience": 0}),
 }
+# the columns of the ablation table: the synthesis terms against maskaq-calib, the reconstruction settings
+# against maskaq-fast, the guard against maskaq-std
+ABLATION_COLUMNS = ("maskaq-calib", "no-ce", "no-interhead", "no-tv", "no-mask", "no-entropy", "recon-100",
+                    "maskaq-fast", "recon-600", "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3",
+                    "recon-100-cutmix-1", "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512",
+                    "maskaq-std", "std-unguarded")
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
 
 
@@ -307,8 +320,7 @@ def print_tables(res: dict) -> None:
         seeds = sorted({r["seed"] for r in ablation})
         print(f"\nAblation (seeds {seeds})")
         recipe_tables([r for r in runs if r["seed"] in seeds and r["recipe"] in {a["recipe"] for a in ablation}],
-                      res.get("meta", {}), ["maskaq-calib", *list(ABLATIONS)[:5], "maskaq-fast", *list(ABLATIONS)[5:9],
-                                            "maskaq-std", "no-refresh"])
+                      res.get("meta", {}), list(ABLATION_COLUMNS))
     cpu_table(main)
 
 

@@ -74,6 +74,20 @@ def distill_terms(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: to
     return terms
 
 
+@torch.no_grad()
+def holdout_kl(teacher: nn.Module, student: nn.Module, images: torch.Tensor, cfg: DFQConfig,
+               device: torch.device, autocast_dtype) -> float:
+    """Mean KL(softmax(P) || softmax(Q)) at temperature 1 over ``images``, unaugmented: how far Q is from P on
+    images the fine-tune does not train on (the judgement of a guarded fine-tune)."""
+    student, total = _unwrap(student), 0.0
+    for i in range(0, images.shape[0], cfg.ft_batch_size):
+        x = images[i:i + cfg.ft_batch_size].to(device).float()
+        with autocast_ctx(device, autocast_dtype):
+            p_out = teacher(x)
+        total += float(L.kd_kl(student(x), p_out, 1.0)) * x.shape[0]
+    return total / images.shape[0]
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

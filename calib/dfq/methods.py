@@ -32,8 +32,8 @@ from maskaq_deploy.calib.calibrate import calibrate_observers
 from maskaq_deploy.calib.dfq import distributed
 from maskaq_deploy.calib.dfq.config import DFQConfig
 from maskaq_deploy.calib.dfq.distributed import DistContext
-from maskaq_deploy.calib.dfq.errors import DFQConfigError
-from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
+from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
+from maskaq_deploy.calib.dfq.finetune import finetune_epoch, holdout_kl, make_optimizer
 from maskaq_deploy.calib.dfq.models import make_teacher, token_layout
 from maskaq_deploy.calib.dfq.reconstruct import reconstruct, reconstruction_units
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
@@ -159,7 +159,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         opt = make_optimizer(q_model, cfg) if cfg.finetunes else None
 
     if cfg.finetunes:
-        cur_round = _finetune(ctx, source, opt, images, labels, start_epoch, cur_round)
+        cur_round = _finetune(ctx, source, opt, images, labels, start_epoch, cur_round, ft_info)
 
     q_model.eval()
     state.mark(completed=True)
@@ -226,13 +226,73 @@ def _reconstruct(ctx: RunContext, images: torch.Tensor) -> None:
     rec.seconds["reconstruction"] = time.perf_counter() - t0
 
 
-def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cur_round: int) -> int:
-    """Fine-tune epochs ``start_epoch ...``, re-making the set when the source refreshes; returns the round."""
+class _Judge:
+    """The guard of a fine-tune (``ft_holdout``): held-out images of the first set, the KL of Q from P on them
+    after every epoch, and a copy of the best Q so far (``finetune_best``; epoch 0 is Q before fine-tuning)."""
+
+    def __init__(self, ctx: RunContext, history: list[float]):
+        self.ctx, self.history = ctx, list(history)  # history[e]: the judgement after e epochs
+
+    def hold_out(self, first_set: torch.Tensor, resumed: bool) -> None:
+        """The last ``ft_holdout`` of the first set, kept (on disk too) after later rounds replace that set."""
+        if resumed:
+            saved = self.ctx.state.load_tensors("holdout")
+            if saved is None:
+                raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without --resume")
+            self.images = saved["images"]
+        else:
+            self.images = first_set[-round(first_set.shape[0] * self.ctx.cfg.ft_holdout):].float()
+            self.ctx.state.save_tensors("holdout", {"images": self.images})
+
+    def training_part(self, images, labels):
+        """The first set without its held-out images."""
+        n = self.images.shape[0]
+        return images[:-n], (labels[:-n] if labels is not None else None)
+
+    def judge(self, epoch: int) -> float:
+        ctx = self.ctx
+        kl = holdout_kl(ctx.teacher, ctx.q_model, self.images, ctx.cfg, ctx.device, ctx.autocast_dtype)
+        if not self.history or kl < min(self.history):
+            ctx.state.save_model("finetune_best", ctx.q_model, info={"epoch": epoch, "holdout_kl": kl})
+        self.history.append(kl)
+        return kl
+
+    @property
+    def best_epoch(self) -> int:
+        return min(range(len(self.history)), key=self.history.__getitem__)
+
+    def stalled(self) -> bool:
+        patience = self.ctx.cfg.ft_patience
+        return bool(patience) and len(self.history) - 1 - self.best_epoch >= patience
+
+    def keep_best(self) -> int:
+        """Restore the best Q (unless it is the current one); returns its epoch."""
+        best = self.best_epoch
+        if best != len(self.history) - 1:
+            self.ctx.state.load_model("finetune_best", self.ctx.q_model)
+        return best
+
+
+def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cur_round: int,
+              ft_info: dict | None) -> int:
+    """Fine-tune epochs ``start_epoch ...``, re-making the set when the source refreshes; returns the round.
+    With ``ft_holdout`` the fine-tune is guarded (``_Judge``): it ends with the best epoch's Q, and stops after
+    ``ft_patience`` epochs without improvement."""
     cfg, dist, rec = ctx.cfg, ctx.dist, ctx.record
+    judge = _Judge(ctx, (ft_info or {}).get("holdout_kl", [])) if cfg.ft_holdout else None
+    if judge is not None:
+        judge.hold_out(images, resumed=bool(ft_info))
+        if cur_round == 0:
+            images, labels = judge.training_part(images, labels)
+        if not judge.history:
+            judge.judge(0)
     # Data-parallel Q for the fine-tune steps; synthesis (refresh) keeps using the plain module, whose
     # parameters the wrapper shares.
     train_q = dist.wrap_ddp(ctx.q_model, images[:1].to(ctx.device).float())
     for epoch in range(start_epoch, cfg.epochs):
+        if judge is not None and judge.stalled():
+            log.info("fine-tune stopped after epoch %d: no better held-out KL for %d epochs", epoch, cfg.ft_patience)
+            break
         rnd = epoch // cfg.refresh_every if cfg.refresh_every else 0
         if rnd != cur_round:
             images, labels = source.images(ctx, rnd)
@@ -244,11 +304,17 @@ def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cu
 
         losses = finetune_epoch(ctx.teacher, train_q, opt, images, labels, cfg, ctx.layout, epoch, ctx.device,
                                 ctx.autocast_dtype, on_log, dist=dist)
+        if judge is not None:
+            losses["holdout_kl"] = judge.judge(epoch + 1)
         rec.curves["finetune"].append({"epoch": epoch, **losses})
-        ctx.state.save_model("finetune", ctx.q_model, opt, {"epoch": epoch + 1, "curve": rec.curves["finetune"]})
+        ctx.state.save_model("finetune", ctx.q_model, opt, {"epoch": epoch + 1, "curve": rec.curves["finetune"],
+                                                            **({"holdout_kl": judge.history} if judge else {})})
         rec.seconds["finetune"] += time.perf_counter() - t0
         log.info("fine-tune epoch %d/%d: %s", epoch + 1, cfg.epochs,
                  ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     if rec.curves["finetune"]:
         rec.final["finetune"] = {k: v for k, v in rec.curves["finetune"][-1].items() if k != "epoch"}
+    if judge is not None:
+        kept = judge.keep_best()
+        rec.final.setdefault("finetune", {}).update(kept_epoch=kept, kept_holdout_kl=judge.history[kept])
     return cur_round

@@ -158,12 +158,35 @@ def unit_error(unit: nn.Module, inputs: torch.Tensor, target: torch.Tensor, batc
     return total / target.numel()
 
 
+def with_cutmix(images: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """``images`` followed by ``round(fraction * N)`` CutMix images: each a random image of the set with a random
+    rectangle (a quarter to three quarters of its area) pasted from another. Token statistics stay those of the
+    set while the combinations are new, so reconstruction sees more distinct unit inputs than the set holds."""
+    count = round(fraction * images.shape[0])
+    if count == 0:
+        return images
+    g = torch.Generator().manual_seed(seed)
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    first, second = torch.randint(0, n, (count,), generator=g), torch.randint(0, n, (count,), generator=g)
+    area = 0.25 + 0.5 * torch.rand(count, generator=g)
+    aspect = torch.exp((torch.rand(count, generator=g) - 0.5) * math.log(4.0))  # 1:2 ... 2:1
+    mixed = images[first].clone()
+    for i in range(count):
+        bh = min(h, max(1, round(h * math.sqrt(float(area[i] / aspect[i])))))
+        bw = min(w, max(1, round(w * math.sqrt(float(area[i] * aspect[i])))))
+        y0 = int(torch.randint(0, h - bh + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+        mixed[i, ..., y0:y0 + bh, x0:x0 + bw] = images[second[i], ..., y0:y0 + bh, x0:x0 + bw]
+    return torch.cat([images, mixed])
+
+
 def reconstruct(teacher: nn.Module, q_model: nn.Module, images: torch.Tensor, cfg: DFQConfig, device,
                 start_unit: int = 0, after_unit: Callable[[int, dict], None] | None = None,
                 on_log: Callable[[int, int, dict], None] | None = None) -> list[dict]:
     """Reconstruct Q's units ``start_unit ...`` in order on ``images``; ``after_unit(i, info)`` runs after each
     (the driver saves Q there). Returns the per-unit infos of the units done here."""
     units = reconstruction_units(q_model)
+    images = with_cutmix(images, cfg.recon_cutmix, derive_seed(cfg.seed, "recon-cutmix"))
     was_training = q_model.training
     q_model.eval()
     infos = []

@@ -140,6 +140,21 @@ class RunState:
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
 
+    # --- other tensors of the run (e.g. the fine-tune's held-out images, which outlive their round)
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.writer:
+            _atomic_save({k: v.contiguous() for k, v in tensors.items()}, self.root / f"{name}.safetensors")
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Tensors saved under ``name``, on every rank (rank 0 reads); None when there are none."""
+        def read():
+            path = self.root / f"{name}.safetensors"
+            try:
+                return load_file(str(path)) if path.is_file() else None
+            except (SafetensorError, OSError) as e:
+                raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
+        return self.dist.on_main(read, f"loading {name}")
+
     # --- model / optimizer states
     def save_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                    info: dict | None = None) -> Path:

@@ -28,9 +28,10 @@ TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embe
             "mlp_ratio": 2.0}
 DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
 # Small but complete: 3 synthesis batches, calibration, reconstruction of both blocks, 3 fine-tune epochs with a
-# refresh before epoch 2.
+# refresh before epoch 2, guarded by 6 held-out images.
 SMALL = {"num_images": 24, "batch_size": 8, "iterations": 12, "epochs": 3, "refresh_every": 2, "ft_batch_size": 8,
-             "calib_batch_size": 16, "q_init_images": 8, "log_every": 4, "recon_iters": 4, "recon_batch_size": 8}
+             "calib_batch_size": 16, "q_init_images": 8, "log_every": 4, "recon_iters": 4, "recon_batch_size": 8,
+             "ft_holdout": 0.25}
 
 
 @pytest.fixture(autouse=True)
@@ -199,6 +200,39 @@ def test_same_seed_gives_the_same_model_and_another_seed_does_not(tmp_path):
     run(c, tmp_path / "c", seed=1)
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(q_state(a[1])[w], q_state(c[1])[w])
+
+
+def test_guarded_finetune_backs_off_a_fine_tune_that_only_hurts(tmp_path):
+    # ft_lr 5 wrecks Q in one epoch: the held-out KL rises, patience 1 stops the fine-tune after that epoch and
+    # the run ends with Q as it was before fine-tuning, i.e. exactly the Q of the same run without a fine-tune.
+    before = tiny_models()
+    run(before, tmp_path / "no-finetune", epochs=0, refresh_every=0)
+    guarded = tiny_models()
+    s = run(guarded, tmp_path / "guarded", ft_lr=5.0, refresh_every=0, ft_patience=1)
+    curve = s["curves"]["finetune"]
+    assert [c["epoch"] for c in curve] == [0]  # epochs 2 and 3 were not run
+    assert s["final_losses"]["finetune"]["kept_epoch"] == 0
+    assert_same_state(q_state(before[1]), q_state(guarded[1]))
+    # the same wreck without a guard keeps the last epoch
+    unguarded = tiny_models()
+    run(unguarded, tmp_path / "unguarded", ft_lr=5.0, refresh_every=0, ft_holdout=0.0)
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(q_state(before[1])[w], q_state(unguarded[1])[w])
+
+
+def test_guarded_finetune_keeps_the_epoch_with_the_lowest_held_out_kl(tmp_path):
+    from maskaq_deploy.calib.dfq.finetune import holdout_kl
+
+    fp, q = tiny_models()
+    s = run((fp, q), tmp_path, refresh_every=0, ft_lr=0.02)
+    kls = [c["holdout_kl"] for c in s["curves"]["finetune"]]
+    kept, kept_kl = s["final_losses"]["finetune"]["kept_epoch"], s["final_losses"]["finetune"]["kept_holdout_kl"]
+    assert len(kls) == 3 and kept_kl <= min(kls) and (kept == 0 or kls[kept - 1] == kept_kl)
+    held = load_file(str(tmp_path / "dfq" / "holdout.safetensors"))["images"]
+    assert held.shape[0] == 6  # 25% of 24
+    # the Q the run returns is the kept one: its held-out KL is the kept value
+    assert holdout_kl(make_teacher(fp, q), q, held, DFQConfig(**SMALL), torch.device("cpu"), None) == \
+        pytest.approx(kept_kl, rel=1e-5)
 
 
 CHILD = textwrap.dedent("""

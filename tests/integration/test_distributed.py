@@ -57,6 +57,7 @@ epochs = 2
 refresh_every = {refresh}
 ft_batch_size = 8
 ft_lr = 0.02
+ft_holdout = 0.25
 calib_batch_size = 16
 q_init_images = 8
 log_every = 3
@@ -169,8 +170,10 @@ def test_finetuned_checkpoint_of_two_processes_matches_one_process(one_and_two):
     assert _max_rel_diff(calibrated, final) > 50 * FINETUNE_RTOL
     # the losses reported are global-batch means, like one process's
     l1, l2 = m1["calibration"]["final_losses"], m2["calibration"]["final_losses"]
+    # (the uneven last batch of the 13 images it trains on splits 3+2 over the ranks: summation orders differ
+    # by ~1e-4 relative, and by a few 1e-8 on the KD term near 1e-6; a wrong mean would be off by ~2x)
     for stage in ("synthesis", "finetune"):
-        assert l2[stage] == pytest.approx(l1[stage], rel=1e-4, abs=1e-9)
+        assert l2[stage] == pytest.approx(l1[stage], rel=1e-3, abs=1e-7)
 
 
 def _worker_pids(launcher: int) -> dict[int, int]:

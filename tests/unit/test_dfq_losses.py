@@ -222,11 +222,16 @@ def test_config_round_trips_and_presets_are_valid():
     assert (paper.num_images, paper.iterations, paper.batch_size, paper.epochs, paper.refresh_every) == \
         (10000, 2000, 16, 200, 30)
     assert (paper.w_ce, paper.w_interhead, paper.w_tv, paper.w_mask, paper.w_entropy) == (1, 1, 2.5e-5, 0.1, 1)
-    assert DFQConfig.from_preset("fast").epochs == 0 and DFQConfig.from_preset("standard").refresh_every > 0
+    # standard is fast (same synthesis, same reconstruction) plus a guarded fine-tune: it costs more, never less
+    fast, std = DFQConfig.from_preset("fast").to_dict(), DFQConfig.from_preset("standard").to_dict()
+    assert fast["epochs"] == 0 and std["epochs"] > 0 and std["ft_holdout"] > 0 and std["ft_patience"] > 0
+    assert {k: v for k, v in std.items() if not k.startswith("ft_") and k not in ("epochs", "preset")} == \
+        {k: v for k, v in fast.items() if not k.startswith("ft_") and k not in ("epochs", "preset")}
 
 
 @pytest.mark.parametrize("bad", [{"iterations": 0}, {"mask_drop": 1.0}, {"lr": -1.0}, {"autocast": "fp8"},
-                                 {"refresh_every": 3}, {"jitter": 0.6}, {"w_tv": float("nan")}])
+                                 {"refresh_every": 3}, {"jitter": 0.6}, {"w_tv": float("nan")},
+                                 {"ft_holdout": 1.0}, {"ft_holdout": 0.001}, {"ft_patience": 2}])
 def test_config_rejects_bad_values_with_a_typed_error(bad):
     with pytest.raises(DFQConfigError):
         DFQConfig(**bad)
@@ -245,3 +250,27 @@ def test_config_from_toml_with_preset_base(tmp_path):
     cfg = load_dfq_toml(path, seed=7)
     assert (cfg.preset, cfg.iterations, cfg.w_tv, cfg.seed) == ("standard", 50, 0.0, 7)
     assert cfg.epochs == DFQConfig.from_preset("standard").epochs
+
+
+def test_holdout_kl_is_the_mean_kl_at_temperature_one_over_all_images():
+    from torch import nn
+
+    from maskaq_deploy.calib.dfq.finetune import holdout_kl
+
+    logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    cfg = DFQConfig(ft_batch_size=3)  # 4 batches, the last one short: a per-image mean, not a mean of batches
+    teacher, student = nn.Identity(), nn.Identity()
+    assert holdout_kl(teacher, student, logits, cfg, torch.device("cpu"), None) == pytest.approx(0.0, abs=1e-7)
+    shifted = _Scaled(2.0)
+    p, q = logits.softmax(-1), (2 * logits).softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert holdout_kl(teacher, shifted, logits, cfg, torch.device("cpu"), None) == pytest.approx(expected, rel=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x

@@ -14,7 +14,7 @@ from maskaq_deploy.calib.calibrate import calibrate_observers
 from maskaq_deploy.calib.dfq import DFQConfig
 from maskaq_deploy.calib.dfq.models import make_teacher
 from maskaq_deploy.calib.dfq.reconstruct import (mixed_input, reconstruct, reconstruct_unit, reconstruction_units,
-                                                  unit_error, unit_io)
+                                                  unit_error, unit_io, with_cutmix)
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
         "mlp_ratio": 2.0}
@@ -28,6 +28,27 @@ def test_mixed_input_takes_each_element_from_p_with_the_drop_probability():
     mix = mixed_input(x_p, x_q, 0.3, g)
     assert set(mix.unique().tolist()) == {0.0, 1.0}
     assert (mix == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)  # 25600 draws: std 0.003
+
+
+def test_cutmix_images_paste_one_rectangle_of_another_image_of_the_set():
+    images = torch.arange(6.0).reshape(6, 1, 1, 1).expand(6, 2, 12, 10).clone()  # image k is all k
+    out = with_cutmix(images, 2.0, seed=0)
+    assert out.shape == (18, 2, 12, 10) and torch.equal(out[:6], images)
+    assert torch.equal(out, with_cutmix(images, 2.0, seed=0)) and not torch.equal(out, with_cutmix(images, 2.0, 1))
+    for m in out[6:]:
+        values = m.unique()
+        assert 1 <= len(values) <= 2 and torch.equal(m[0], m[1])  # two source images, the same box on all channels
+        if len(values) == 2:  # the pasted image covers one solid rectangle of a quarter to three quarters
+            boxes = [_solid_box(m[0] == v) for v in values]
+            assert any(b is not None and 0.25 * 120 - 12 <= b <= 0.75 * 120 + 12 for b in boxes)  # +- rounding
+    assert with_cutmix(images, 0.0, seed=0) is images
+
+
+def _solid_box(mask: torch.Tensor) -> int | None:
+    """The area of ``mask`` when its True elements form one solid rectangle, else None."""
+    rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+    box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return box.numel() if bool(box.all()) and int(mask.sum()) == box.numel() else None
 
 
 def test_unit_error_is_the_mean_squared_difference():

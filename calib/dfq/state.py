@@ -148,12 +148,23 @@ class RunState:
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
         """Tensors saved under ``name``, on every rank (rank 0 reads); None when there are none."""
         def read():
-            path = self.root / f"{name}.safetensors"
-            try:
-                return load_file(str(path)) if path.is_file() else None
-            except (SafetensorError, OSError) as e:
-                raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
+            found = self._read(name)
+            return found[0] if found is not None else None
         return self.dist.on_main(read, f"loading {name}")
+
+    def _read(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, info metadata) of ``name``, or None when it is not there; an unreadable file is refused."""
+        path = self.root / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("info", "{}"))
+            return load_file(str(path)), info
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
 
     # --- model / optimizer states
     def save_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -185,17 +196,11 @@ class RunState:
         return info
 
     def _load_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None):
-        path = self.root / f"{name}.safetensors"
-        if not path.is_file():
+        found = self._read(name)
+        if found is None:
             return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("info", "{}"))
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
+        tensors, info = found
+        path = self.root / f"{name}.safetensors"
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state, strict=True)

@@ -83,7 +83,6 @@ def fp8_params(seed=0):
     return a, w
 
 
-# ids without the word "tensorrt": conftest skips items with that keyword (the engine tests' marker)
 @pytest.mark.parametrize("flavour", ["tensorrt", "onnxruntime"], ids=["trt-flavour", "ort-flavour"])
 def test_float8_qdq_in_both_flavours(flavour):
     x = (np.random.default_rng(7).standard_normal((2, 5, 32)) * 2).astype(np.float32)

@@ -68,8 +68,9 @@ def model_logits(model, images: ImageSet, batch_size: int, device: str = "cpu", 
     naming the first layer that produced a non-finite output."""
     outs, labels = [], []
     for x, y in images.batches(batch_size):
-        outs.append(model(x.to(device)).float().cpu())
-        checks.finite_outputs(model, x.to(device), outs[-1], what)
+        x = x.to(device)
+        outs.append(model(x).float().cpu())
+        checks.finite_outputs(model, x, outs[-1], what)
         if y is not None:
             labels.append(y)
     return torch.cat(outs), (torch.cat(labels) if labels else None)

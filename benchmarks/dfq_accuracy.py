@@ -55,7 +55,7 @@ RECIPES = ("w8a8", "w4a8", "w4a4", "w3a3")
 NO_RECON = {"recon_iters": 0}
 METHODS = {  # name: (calibration method, preset, config overrides)
     "noise": ("noise", "fast", {}),
-    "psaq": ("psaq", "fast", {}),
+    "psaq": ("psaq", "fast", {"w_tv": 2.5e-5}),  # the published baseline: the paper's image prior weight
     "maskaq-calib": ("maskaq", "fast", NO_RECON),
     "maskaq-fast": ("maskaq", "fast", {}),
     "maskaq-std": ("maskaq", "standard", {}),

@@ -75,10 +75,6 @@ class Recipe:
     def weight_only(self) -> bool:
         return self.a_bits is None
 
-    def with_keep_fp(self, patterns) -> "Recipe":
-        extra = tuple(p for p in patterns if p not in self.keep_fp)
-        return dataclasses.replace(self, keep_fp=self.keep_fp + extra)
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["keep_fp"] = list(self.keep_fp)

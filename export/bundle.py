@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.resources
 import io as _io
-import json
 import os
 import shlex
 import shutil
@@ -380,11 +379,3 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def read_bundle_manifest(bundle_dir) -> dict:
-    path = Path(bundle_dir) / MANIFEST_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{bundle_dir} has no {MANIFEST_FILE}: not a bundle, or an interrupted write") from None

@@ -119,9 +119,6 @@ class OpRule:
         """The kind of Q/DQ input ``index`` may carry, or None if it must stay float."""
         return self._by_index.get(index)
 
-    def weight_inputs(self) -> tuple[int, ...]:
-        return tuple(i for i, k in self.inputs if k is not InputKind.ACTIVATION)
-
     @property
     def int4_weights(self) -> bool:
         """TensorRT takes INT4 block weights into this op (its tensorrt lowerings include the INT4 DQ)."""

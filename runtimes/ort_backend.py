@@ -6,6 +6,12 @@ Session settings that matter for our graphs:
   it, so the numbers measured here are those a user of the plain onnxruntime API gets;
 * ``session.qdq_matmulnbits_accuracy_level = "0"``: at the default (4) onnxruntime fuses INT4 DequantizeLinear
   -> MatMul into MatMulNBits that quantizes the activations to int8, which the torch model does not do;
+* ``session.disable_quant_qdq = "1"`` for graphs exported in the ``tensorrt`` flavour: onnxruntime would fuse
+  their int8 Q/DQ MatMuls into integer kernels that, on x86 CPUs without VNNI (AVX2, plain AVX-512), add
+  pairs of int8 products in 16 bits and saturate (a DeiT block came out at 25-28 dB SQNR instead of 45+).
+  Those graphs are for TensorRT; onnxruntime runs them to check them, so it computes DequantizeLinear and a
+  float MatMul: the values TensorRT's int8 kernels compute exactly. (The ``onnxruntime`` flavour is written
+  with uint8 x uint8 integer MatMuls, which are exact on every CPU.)
 * intra-op threads: explicit, so benchmarks say what they used.
 
 A model exported with a fixed batch size still takes any number of images: they are run in chunks of that
@@ -45,19 +51,32 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def exported_flavour(path) -> str | None:
+    """The ``maskaq.flavour`` an exported graph records in its metadata (None: not one of ours, or unreadable;
+    the session load reports what is wrong with the file)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a missing or broken file: _load says so in its own words
+        return None
+    return next((p.value for p in model.metadata_props if p.key == "maskaq.flavour"), None)
+
+
 class OrtBackend(Backend):
     """Run an ONNX file with onnxruntime.
 
     ``provider``: "cpu" (default), "cuda", "tensorrt" or a full provider name; CPU is always the fallback for
     nodes the provider does not take. ``threads``: intra-op threads (None: onnxruntime's default).
     ``optimization``: graph optimization level, one of disable/basic/extended/all (default "all", as
-    onnxruntime's own default).
+    onnxruntime's own default). ``exact_qdq``: keep Q/DQ MatMuls in float instead of onnxruntime's integer
+    kernels (None: only for graphs exported in the ``tensorrt`` flavour; see the module docstring).
     """
 
     name = "onnxruntime"
 
     def __init__(self, path, *, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
-                 int4_accuracy_level: int = 0, profile_prefix: str | None = None):
+                 int4_accuracy_level: int = 0, profile_prefix: str | None = None, exact_qdq: bool | None = None):
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if optimization not in OPT_LEVELS:
@@ -68,6 +87,7 @@ class OrtBackend(Backend):
         self.optimization = optimization
         self.int4_accuracy_level = int4_accuracy_level
         self.profile_prefix = profile_prefix
+        self.exact_qdq = exact_qdq
         self.session = None
         self.input_name: str | None = None
         self.input_shape: tuple | None = None
@@ -97,6 +117,9 @@ class OrtBackend(Backend):
         if self.threads is not None:
             so.intra_op_num_threads = self.threads
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.int4_accuracy_level))
+        exact = self.exact_qdq if self.exact_qdq is not None else exported_flavour(self.path) == "tensorrt"
+        if exact:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         so.log_severity_level = 3  # warnings about hardware-specific optimizations are noise here
         if self.profile_prefix:
             so.enable_profiling = True

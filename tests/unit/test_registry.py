@@ -157,6 +157,32 @@ def test_onnxruntime_flavour_lowers_to_integer_matmul(x):
     assert sqnr_db(reference(x, a, w, bias), run(m, x)) > 100
 
 
+@pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
+def test_ort_backend_runs_either_flavour_exactly_on_any_cpu(tmp_path, x, flavour):
+    # Full-range int8 codes on both sides: onnxruntime's uint8 x int8 kernels saturate 16-bit pair sums on
+    # x86 CPUs without VNNI (21 dB here before the onnxruntime flavour moved its weights to uint8, and the
+    # tensorrt flavour is run with its Q/DQ MatMuls in float).
+    import onnx
+
+    from maskaq_deploy.runtimes.ort_backend import OrtBackend, exported_flavour
+
+    m = linear_graph()
+    bias = _bias(m)
+    a, w = _act(), _weight()
+    insert_qdq(m, {a.name: a, w.name: w}, flavour)
+    path = tmp_path / f"{flavour}.onnx"
+    onnx.save(m, str(path))
+    assert exported_flavour(path) == flavour
+    rt = OrtBackend(path)
+    exact = "1" if flavour == "tensorrt" else None
+    so = rt.session_options()
+    got = so.get_session_config_entry("session.disable_quant_qdq") if exact else None
+    assert got == exact
+    with rt:  # the session OrtBackend makes (its run() takes image batches; this graph takes [B, T, K])
+        y = rt.session.run(None, {rt.input_name: x})[0]
+    assert sqnr_db(reference(x, a, w, bias), y) > 100
+
+
 @pytest.mark.parametrize("bits,zp", [(4, 3), (3, 1), (5, 20)])
 def test_sub_8_bit_asymmetric_activation_is_clipped_to_its_grid(x, bits, zp):
     """Q/DQ simulation of an n-bit grid: codes identical to torch's clamp(round(x/s) + zp, 0, 2^n - 1)."""

@@ -84,10 +84,14 @@ ABLATIONS = {
     "recon-600-cutmix-1": ("maskaq", "fast", {"recon_iters": 600, "recon_cutmix": 1.0}),
     "fast-512": ("maskaq", "fast", {"num_images": 512}),
     "std-unguarded": ("maskaq", "standard", {"ft_holdout": 0.0, "ft_patience": 0}),
+    "calib-tv-paper": ("maskaq", "fast", {"w_tv": 2.5e-5, **NO_RECON}),  # the image prior's weight before
+    "fast-tv-paper": ("maskaq", "fast", {"w_tv": 2.5e-5}),
+    "calib-tv-1.6e-2": ("maskaq", "fast", {"w_tv": 1.6e-2, **NO_RECON}),
 }
 # the columns of the ablation table: the synthesis terms against maskaq-calib, the reconstruction settings
 # against maskaq-fast, the guard against maskaq-std
-ABLATION_COLUMNS = ("maskaq-calib", "no-ce", "no-interhead", "no-tv", "no-mask", "no-entropy", "recon-100",
+ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "maskaq-calib", "no-ce", "no-interhead", "no-tv", "no-mask",
+                    "no-entropy", "recon-100", "fast-tv-paper",
                     "maskaq-fast", "recon-600", "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3",
                     "recon-100-cutmix-1", "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512",
                     "maskaq-std", "std-unguarded")

@@ -87,11 +87,14 @@ ABLATIONS = {
     "calib-tv-paper": ("maskaq", "fast", {"w_tv": 2.5e-5, **NO_RECON}),  # the image prior's weight before
     "fast-tv-paper": ("maskaq", "fast", {"w_tv": 2.5e-5}),
     "calib-tv-1.6e-2": ("maskaq", "fast", {"w_tv": 1.6e-2, **NO_RECON}),
+    # w8a8 with the short presets' low-bit TV weight (their w8a8 before it got the paper's)
+    "calib-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3, **NO_RECON}),
+    "fast-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3}),
 }
 # the columns of the ablation table: the synthesis terms against maskaq-calib, the reconstruction settings
 # against maskaq-fast, the guard against maskaq-std
 ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "maskaq-calib", "no-ce", "no-interhead", "no-tv", "no-mask",
-                    "no-entropy", "recon-100", "fast-tv-paper",
+                    "no-entropy", "recon-100", "fast-tv-paper", "calib-8bit-tv-4e-3", "fast-8bit-tv-4e-3",
                     "maskaq-fast", "recon-600", "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3",
                     "recon-100-cutmix-1", "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512",
                     "maskaq-std", "std-unguarded")
@@ -178,7 +181,8 @@ def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
 REUSED = {"batches": 0, "seconds": 0.0, "cpu_seconds": 0.0}  # what reused batches cost when they were made
 # config fields that only stages after synthesis read: batches made under configs differing only in these are equal
 AFTER_SYNTHESIS = {"preset", "log_every", "calib_batch_size", "epochs", "refresh_every", "kd_temperature",
-                   "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high"}
+                   "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high",
+                   "w_tv_8bit"}  # resolved into w_tv for the recipe before synthesis, which reads only w_tv
 
 
 def _synthesis_key(setup, labels, seed) -> str:

@@ -105,7 +105,8 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         raise DFQConfigError("device 'cuda' was requested but torch sees no CUDA device; use device='cpu'")
     dist = dist or distributed.setup(device)
     device = dist.device(device)
-    cfg = source.effective_config(config)
+    # the stages this source has, and the TV weight for the recipe's bit widths
+    cfg = source.effective_config(config).for_bit_widths(q.bits for _, q in iter_quantizers(q_model) if q.enabled)
     # progress is drawn by rank 0 only: the other ranks would repeat the same bars
     emit = progress if progress is not None and dist.is_main else (lambda event: None)
 

@@ -58,3 +58,21 @@ def test_a_new_source_runs_through_the_driver(tmp_path):
     assert calls == [0]  # one set, no refresh, no fine-tune (the source has neither)
     assert [u["unit"] for u in summary["curves"]["reconstruction"]] == ["blocks.0", "blocks.1"]
     assert summary["seconds"]["finetune"] == 0.0 and summary["rounds"] == 0
+
+
+def test_the_tv_weight_follows_the_recipes_bit_widths():
+    cfg = DFQConfig(w_tv=4e-3, w_tv_8bit=2.5e-5)
+    assert cfg.for_bit_widths([8, 8, 8]).w_tv == 2.5e-5
+    assert cfg.for_bit_widths([8, 4, 8]).w_tv == 4e-3  # one 4-bit quantizer: the low-bit weight
+    assert cfg.for_bit_widths([]).w_tv == 4e-3  # nothing quantized: unchanged
+    assert DFQConfig.from_preset("fast").for_bit_widths([8]).w_tv == 2.5e-5
+
+
+@pytest.mark.parametrize("recipe,w_tv", [("w8a8", 2.5e-5), ("w4a8", 4e-3), ("w4a4", 4e-3)])
+def test_the_driver_runs_the_tv_weight_of_the_recipe(tmp_path, recipe, w_tv):
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES[recipe])
+    cfg = DFQConfig.from_preset("fast", num_images=4, recon_iters=0)
+    summary = run_calibration(fp, q, method="noise", config=cfg, data_config=DATA, run_dir=tmp_path)
+    assert summary["config"]["w_tv"] == w_tv and summary["config"]["w_tv_8bit"] == 2.5e-5

@@ -30,7 +30,7 @@ from maskaq_deploy import checks, deploy, provenance, rundir
 from maskaq_deploy import gate as gate_mod
 from maskaq_deploy.calib import attach_quantizers, get_recipe, save_quantized_checkpoint
 from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json, read_manifest
-from maskaq_deploy.calib.dfq import distributed, effective_config, run_calibration
+from maskaq_deploy.calib.dfq import distributed, run_calibration
 from maskaq_deploy.config import CalibrateConfig
 from maskaq_deploy.data import ImageSet, load_image_set
 from maskaq_deploy.deploy import export
@@ -135,7 +135,7 @@ def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: tuple, out:
         kept_fp_modules=info.kept_fp,
         method=cfg.method,
         config=cfg.to_dict(),
-        dfq_config=effective_config(cfg.method, cfg.dfq_config()).to_dict(),
+        dfq_config=summary["config"],  # what ran: the source's stages, the recipe's TV weight
         seed=cfg.seed,
         inputs={"weights_sha256": loaded.weights_sha256,
                 "calib_data": None if real is None else {"source": real.source, "images": len(real),

@@ -57,6 +57,9 @@ def test_bundle_only_build_reads_the_checkpoint_once_and_writes_the_report_once(
     report = json.loads((out / "report.json").read_text())
     assert set(report["runtimes"]) == {"torch", "onnxruntime"} and report["target"] == "tensorrt"
     assert (out / "bundle" / "manifest.json").is_file() and (out / "report.html").is_file()
+    # the manifest records the config that ran: at w8a8 the short preset's TV weight is w_tv_8bit's
+    dfq = json.loads((out / "manifest.json").read_text())["dfq_config"]
+    assert dfq["w_tv"] == dfq["w_tv_8bit"] == 2.5e-5 and dfq["recon_iters"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -90,12 +90,16 @@ ABLATIONS = {
     # w8a8 with the short presets' low-bit TV weight (their w8a8 before it got the paper's)
     "calib-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3, **NO_RECON}),
     "fast-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3}),
+    # soft labels: up to this share of each image's CE target on a second class
+    "calib-soft-0.3": ("maskaq", "fast", {"soft_label_mix": 0.3, **NO_RECON}),
+    "fast-soft-0.3": ("maskaq", "fast", {"soft_label_mix": 0.3}),
 }
 # the columns of the ablation table: the synthesis terms against maskaq-calib, the reconstruction settings
 # against maskaq-fast, the guard against maskaq-std
-ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "maskaq-calib", "no-ce", "no-interhead", "no-tv", "no-mask",
-                    "no-entropy", "recon-100", "fast-tv-paper", "calib-8bit-tv-4e-3", "fast-8bit-tv-4e-3",
-                    "maskaq-fast", "recon-600", "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3",
+ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "calib-soft-0.3", "maskaq-calib", "no-ce", "no-interhead",
+                    "no-tv", "no-mask", "no-entropy", "recon-100", "fast-tv-paper", "calib-8bit-tv-4e-3",
+                    "fast-8bit-tv-4e-3", "fast-soft-0.3", "maskaq-fast", "recon-600", "recon-scales-only",
+                    "recon-no-drop", "recon-wlr-1e-3",
                     "recon-100-cutmix-1", "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512",
                     "maskaq-std", "std-unguarded")
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
@@ -184,13 +188,17 @@ AFTER_SYNTHESIS = {"preset", "log_every", "calib_batch_size", "epochs", "refresh
                    "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high",
                    "w_tv_8bit"}  # resolved into w_tv for the recipe before synthesis, which reads only w_tv
 
+# synthesis fields added after batches were cached: at their default they are left out of the key, so the batches
+# made before them stay valid
+LATER_FIELDS = {"soft_label_mix": 0.0}
+
 
 def _synthesis_key(setup, labels, seed) -> str:
     """Everything a synthesized batch depends on: method, synthesis settings, P, Q's state (MaskAQ), labels,
     seed. A refreshed round's Q differs from run to run, so it never matches another run's batch."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in setup.cfg.to_dict().items()
-           if k not in AFTER_SYNTHESIS and not k.startswith(("ft_", "recon_"))}
+           if k not in AFTER_SYNTHESIS and not k.startswith(("ft_", "recon_")) and (k, v) not in LATER_FIELDS.items()}
     h.update(json.dumps([setup.method, cfg, seed, labels.tolist(), list(setup.input_size)]).encode())
     # P's float tensors only (its disabled quantizers hold the recipe's scales, which P never uses); all of Q
     for model, skip in ((setup.teacher, "_quantizer."), (setup.student, None)):

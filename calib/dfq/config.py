@@ -48,6 +48,8 @@ class DFQConfig:
     affine_std: float = 1.0  # ... and s = exp(U(-b, b))
     # --- synthesis loss weights (paper values)
     w_ce: float = 1.0
+    # soft labels: each image's CE target gives weight U(0, soft_label_mix) to a second random class (0: hard)
+    soft_label_mix: float = 0.0
     w_interhead: float = 1.0
     w_tv: float = PAPER_TV
     # TV weight used instead of w_tv when every enabled quantizer of Q has 8 bits (w8a8, fp8): see the presets
@@ -139,6 +141,9 @@ class DFQConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 1:
                 bad(f"{name} must be in [0, 1), got {v!r}")
+        if not isinstance(self.soft_label_mix, (int, float)) or not 0 <= self.soft_label_mix <= 0.5:
+            bad(f"soft_label_mix must be in [0, 0.5] (the image's own label keeps the larger weight), "
+                f"got {self.soft_label_mix!r}")
         if self.lr_min > self.lr:
             bad(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
         if self.jitter >= 0.5:

@@ -234,6 +234,18 @@ def interhead_ssim_from_stats(mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tens
     return (1.0 - ssim.square()).mean()
 
 
+def soft_targets(labels: torch.Tensor, num_classes: int, mix: float, generator: torch.Generator) -> torch.Tensor:
+    """[B, C] target probabilities: ``1 - lam`` on each image's label and ``lam ~ U(0, mix)`` on a second class
+    drawn uniformly from the others, so the images land between two classes instead of deep inside one."""
+    b = len(labels)
+    lam = torch.rand(b, generator=generator) * mix
+    other = (labels.cpu() + torch.randint(1, num_classes, (b,), generator=generator)) % num_classes
+    t = torch.zeros(b, num_classes)
+    t[torch.arange(b), labels.cpu()] = 1 - lam
+    t[torch.arange(b), other] += lam
+    return t.to(labels.device)
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Image prior of DeepInversion / MaskAQ: L2 norms (over the whole batch) of horizontal, vertical and
     both diagonal neighbour differences, the diagonals divided by sqrt(2)."""

@@ -6,7 +6,8 @@ MaskAQ loss per step (on an augmented view of the batch):
 
 PSAQ-ViT loss: w_ce CE + w_tv TV - w_entropy H_kde (entropy of patch similarity of the attention outputs by
 kernel density estimate, summed over layers; Q is not used). Both run through the same loop, optimizer,
-schedule and augmentation, so the comparison isolates the loss.
+schedule and augmentation, so the comparison isolates the loss. ``y`` is the batch's labels, or with
+``soft_label_mix > 0`` target probabilities that put part of each image's weight on a second class.
 
 Token layout. ViT / DeiT: prefix tokens (CLS, distillation, registers) are dropped from every patch statistic;
 the informative-region mask scores patches by the CLS row averaged over layers and heads (no CLS: the mean
@@ -35,8 +36,9 @@ from torch import nn
 from maskaq_deploy.calib.dfq import losses as L
 from maskaq_deploy.calib.dfq.augment import synthesis_augment
 from maskaq_deploy.calib.dfq.config import DFQConfig
+from maskaq_deploy.calib.dfq.errors import DFQConfigError
 from maskaq_deploy.calib.dfq.models import Capture, TokenLayout, frozen, group_by_shape
-from maskaq_deploy.calib.dfq.state import generators
+from maskaq_deploy.calib.dfq.state import derive_seed, generators
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,9 @@ def synthesize_batch(setup: SynthesisSetup, labels: torch.Tensor, seed: int,
     gen, cpu_gen = generators(seed, setup.device)
     c, h, w = (int(v) for v in setup.input_size)
     y = labels.to(setup.device)
+    if cfg.soft_label_mix > 0:  # its own stream: the hard-label run's draws stay the same
+        y = L.soft_targets(labels, _num_classes(setup.teacher), cfg.soft_label_mix,
+                           torch.Generator().manual_seed(derive_seed(seed, "soft labels"))).to(setup.device)
     img = torch.randn((len(labels), c, h, w), generator=gen, device=gen.device).to(setup.device)
     img.requires_grad_(True)
     opt = torch.optim.AdamW([img], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -206,6 +211,14 @@ def synthesize_batch(setup: SynthesisSetup, labels: torch.Tensor, seed: int,
                 if on_log is not None:
                     on_log(step, last)
     return img.detach().float().cpu(), last, curve
+
+
+def _num_classes(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if not isinstance(n, int) or n < 2:
+        raise DFQConfigError(f"soft labels need the model's class count; {type(model).__name__} has no "
+                             "num_classes >= 2 (set soft_label_mix = 0)")
+    return n
 
 
 class _null:

@@ -164,6 +164,25 @@ def test_total_variation_of_a_step_image():
     assert L.total_variation(x).item() == pytest.approx(2 * math.sqrt(2), rel=1e-6)
 
 
+def test_soft_targets_split_each_row_between_its_label_and_one_other_class():
+    labels = torch.arange(10).repeat(20)  # 200 images, every class
+    t = L.soft_targets(labels, 10, 0.3, torch.Generator().manual_seed(0))
+    assert t.shape == (200, 10)
+    assert torch.allclose(t.sum(1), torch.ones(200), atol=1e-6)
+    own = t[torch.arange(200), labels]
+    assert bool(((own >= 0.7 - 1e-6) & (own <= 1.0)).all())  # the label keeps 1 - lam, lam in [0, 0.3)
+    assert bool(((t > 0).sum(1) <= 2).all())  # one other class at most
+    rest = t.clone()
+    rest[torch.arange(200), labels] = 0
+    assert torch.allclose(rest.sum(1), 1 - own, atol=1e-6)
+    assert len(set(rest.argmax(1).tolist())) == 10  # the other class varies
+    assert own.min() < 0.75 and own.max() > 0.95  # lam spreads over its range
+    # a fixed generator seed gives the same targets; mix 0 gives the one-hot labels
+    assert torch.equal(t, L.soft_targets(labels, 10, 0.3, torch.Generator().manual_seed(0)))
+    hard = L.soft_targets(labels, 10, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(hard, torch.nn.functional.one_hot(labels, 10).float())
+
+
 def test_kd_kl_matches_the_closed_form():
     s = torch.tensor([[0.0, 0.0]])
     t = torch.tensor([[math.log(3.0), 0.0]])  # softmax(t) = (3/4, 1/4)
@@ -233,7 +252,8 @@ def test_config_round_trips_and_presets_are_valid():
 
 @pytest.mark.parametrize("bad", [{"iterations": 0}, {"mask_drop": 1.0}, {"lr": -1.0}, {"autocast": "fp8"},
                                  {"refresh_every": 3}, {"jitter": 0.6}, {"w_tv": float("nan")},
-                                 {"ft_holdout": 1.0}, {"ft_holdout": 0.001}, {"ft_patience": 2}])
+                                 {"ft_holdout": 1.0}, {"ft_holdout": 0.001}, {"ft_patience": 2},
+                                 {"soft_label_mix": 0.6}, {"soft_label_mix": -0.1}])
 def test_config_rejects_bad_values_with_a_typed_error(bad):
     with pytest.raises(DFQConfigError):
         DFQConfig(**bad)

@@ -76,6 +76,8 @@ ABLATIONS = {
     "recon-scales-only": ("maskaq", "fast", {"recon_weight_lr": 0.0}),
     "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0}),
     "recon-100": ("maskaq", "fast", {"recon_iters": 100}),
+    "recon-200": ("maskaq", "fast", {"recon_iters": 200}),
+    "recon-300": ("maskaq", "fast", {"recon_iters": 300}),  # fast before this release
     "recon-600": ("maskaq", "fast", {"recon_iters": 600}),
     "recon-wlr-1e-3": ("maskaq", "fast", {"recon_weight_lr": 1e-3}),
     "recon-100-cutmix-1": ("maskaq", "fast", {"recon_iters": 100, "recon_cutmix": 1.0}),
@@ -97,11 +99,11 @@ ABLATIONS = {
 # the columns of the ablation table: the synthesis terms against maskaq-calib, the reconstruction settings
 # against maskaq-fast, the guard against maskaq-std
 ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "calib-soft-0.3", "maskaq-calib", "no-ce", "no-interhead",
-                    "no-tv", "no-mask", "no-entropy", "recon-100", "fast-tv-paper", "calib-8bit-tv-4e-3",
-                    "fast-8bit-tv-4e-3", "fast-soft-0.3", "maskaq-fast", "recon-600", "recon-scales-only",
-                    "recon-no-drop", "recon-wlr-1e-3",
-                    "recon-100-cutmix-1", "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512",
-                    "maskaq-std", "std-unguarded")
+                    "no-tv", "no-mask", "no-entropy", "recon-100", "recon-200", "recon-300", "fast-tv-paper",
+                    "calib-8bit-tv-4e-3", "fast-8bit-tv-4e-3", "fast-soft-0.3", "maskaq-fast", "recon-600",
+                    "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3", "recon-100-cutmix-1",
+                    "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512", "maskaq-std",
+                    "std-unguarded")
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
 
 

@@ -15,6 +15,14 @@ bit width) and the float weights, biases and norms (Adam at ``recon_weight_lr``,
 a rounding step: the effect of learned rounding without a rounding variable per weight). Both learning rates
 are cosine-annealed over ``recon_iters`` steps of ``recon_batch_size`` samples.
 
+With ``recon_focus = a`` (> 0, ViT/DeiT), the squared error of token ``t`` in image ``n`` is weighted by
+``(1 - a) + a * T * r[n, t]``, where ``r`` is how much P's readout (the class token, or the mean of the patch
+tokens) depends on that token of the unit's output: attention rollout from the readout back through the later
+blocks, each block counted as half residual, half its head-averaged attention. The weights average 1 over the
+tokens, so ``a = 0`` is the plain MSE; a larger ``a`` spends the unit's few parameters on the tokens the rest
+of the network reads (the last block's patch tokens, for a class-token model, are read by nobody) -- MaskAQ's
+"informative patches", applied to the reconstruction.
+
 Determinism: unit ``i`` draws its batch order and mixing masks from ``derive_seed(seed, "recon", i)``.
 Resume: Q is saved after every unit, with the number of units done; a resumed run continues at the next unit
 and gives the same result as an uninterrupted one.
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskaq_deploy.calib.dfq.config import DFQConfig
+from maskaq_deploy.calib.dfq.models import Capture, token_layout
 from maskaq_deploy.calib.dfq.state import derive_seed
 
 QUANTIZER_KEY = "_quantizer."
@@ -114,10 +123,56 @@ def unit_optimizer(unit: nn.Module, cfg: DFQConfig) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
+def rollout(attn: list[torch.Tensor], readout: torch.Tensor) -> list[torch.Tensor]:
+    """Token importance of each block's output. ``attn[l]``: block ``l``'s head-averaged attention [B, T, T]
+    (rows sum to 1); ``readout``: [B, T], the weight of each token in what the head reads (sums to 1). The last
+    block's output is read by the head alone; block ``l - 1``'s output reaches it through block ``l``, half
+    by the residual path, half through the attention: r_{l-1} = r_l (I + A_l) / 2. Each result sums to 1."""
+    r, out = readout, [readout]
+    for a in reversed(attn[1:]):
+        r = 0.5 * (r + torch.einsum("bi,bij->bj", r, a))
+        out.append(r)
+    return out[::-1]
+
+
+@torch.no_grad()
+def readout_importance(teacher: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor | None:
+    """[N, blocks, T]: the rollout of P's readout to each block's output tokens, per image; None for a model
+    without one global attention per block (Swin's windows), whose units are then weighted uniformly."""
+    layout = token_layout(teacher)
+    blocks = getattr(teacher, "blocks", None)
+    if layout.windowed or not isinstance(blocks, nn.Sequential):
+        return None
+    pool = getattr(teacher, "global_pool", "token")
+    rows = []
+    with Capture(teacher) as cap:
+        for i in range(0, images.shape[0], batch_size):
+            teacher(images[i:i + batch_size].to(device).float())
+            attn = [(lg.float() * m.scale).softmax(-1).mean(1) for lg, m in zip(cap.logits(), cap.mods)]
+            b, t = attn[0].shape[0], attn[0].shape[-1]
+            readout = torch.zeros(b, t, device=attn[0].device)
+            if layout.family == "deit_distilled":  # the mean of the class and distillation heads
+                readout[:, :2] = 0.5
+            elif pool == "token" and layout.num_prefix > 0:
+                readout[:, 0] = 1.0
+            else:  # average pooling (and any other readout): every patch token alike
+                readout[:, layout.num_prefix:] = 1.0 / (t - layout.num_prefix)
+            rows.append(torch.stack(rollout(attn, readout), 1).cpu())
+            cap.clear()
+    return torch.cat(rows)
+
+
+def token_weights(importance: torch.Tensor, focus: float) -> torch.Tensor:
+    """[N, T] loss weights of the tokens from their importance (rows summing to 1): ``(1 - focus) + focus * T *
+    importance``, which average 1 over the tokens."""
+    return (1.0 - focus) + focus * importance.shape[-1] * importance
+
+
 def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, target: torch.Tensor,
-                     cfg: DFQConfig, seed: int, device) -> dict[str, float]:
-    """Train ``q_unit`` (in place) so that ``q_unit(mix(x_p, x_q))`` matches ``target``; returns the unit's
-    output MSE on the pure Q input before and after, and the last training loss."""
+                     cfg: DFQConfig, seed: int, device, weights: torch.Tensor | None = None) -> dict[str, float]:
+    """Train ``q_unit`` (in place) so that ``q_unit(mix(x_p, x_q))`` matches ``target`` (squared errors weighted
+    per token by ``weights`` [N, T], when given); returns the unit's output MSE (unweighted) on the pure Q
+    input before and after, and the last training loss."""
     gen = torch.Generator().manual_seed(seed)
     saved = {p: p.requires_grad for p in q_unit.parameters()}
     for p in q_unit.parameters():
@@ -133,7 +188,11 @@ def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, ta
             decay = 0.5 * (1 + math.cos(math.pi * step / cfg.recon_iters))
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * decay
-            loss = F.mse_loss(q_unit(inp).float(), target[idx].to(device))
+            if weights is None:
+                loss = F.mse_loss(q_unit(inp).float(), target[idx].to(device))
+            else:
+                err = (q_unit(inp).float() - target[idx].to(device)) ** 2
+                loss = (err.mean(-1) * weights[idx].to(device)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,13 +249,17 @@ def reconstruct(teacher: nn.Module, q_model: nn.Module, images: torch.Tensor, cf
     was_training = q_model.training
     q_model.eval()
     infos = []
+    importance = None
+    if cfg.recon_focus > 0:
+        importance = readout_importance(teacher, images, cfg.calib_batch_size, device)
     try:
         for i in range(start_unit, len(units)):
             name = units[i]
             x_p, target = unit_io(teacher, name, images, cfg.calib_batch_size, device)
             x_q, _ = unit_io(q_model, name, images, cfg.calib_batch_size, device, want_output=False)
+            weights = None if importance is None else token_weights(importance[:, i], cfg.recon_focus)
             info = {"unit": name, **reconstruct_unit(q_model.get_submodule(name), x_p, x_q, target, cfg,
-                                                     derive_seed(cfg.seed, "recon", i), device)}
+                                                     derive_seed(cfg.seed, "recon", i), device, weights)}
             infos.append(info)
             if after_unit is not None:
                 after_unit(i, info)

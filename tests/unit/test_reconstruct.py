@@ -13,8 +13,9 @@ from maskaq_deploy.calib import RECIPES, attach_quantizers
 from maskaq_deploy.calib.calibrate import calibrate_observers
 from maskaq_deploy.calib.dfq import DFQConfig
 from maskaq_deploy.calib.dfq.models import make_teacher
-from maskaq_deploy.calib.dfq.reconstruct import (mixed_input, reconstruct, reconstruct_unit, reconstruction_units,
-                                                  unit_error, unit_io, with_cutmix)
+from maskaq_deploy.calib.dfq.reconstruct import (mixed_input, readout_importance, reconstruct, reconstruct_unit,
+                                                  reconstruction_units, rollout, token_weights, unit_error, unit_io,
+                                                  with_cutmix)
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
         "mlp_ratio": 2.0}
@@ -70,6 +71,51 @@ def test_reconstruct_unit_recovers_a_known_linear_map():
     assert info["mse_after"] < 1e-3
 
 
+def test_rollout_carries_the_readout_back_half_by_residual_half_by_attention():
+    # 3 tokens, 2 blocks. Block 1 makes every token read only token 2; the readout is token 0.
+    a1 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    a0 = torch.full((3, 3), 1 / 3)  # never used: nothing before block 0 is reconstructed
+    readout = torch.tensor([[1.0, 0.0, 0.0]])
+    last, first = rollout([a0[None], a1[None]], readout)[::-1]
+    assert torch.equal(last, readout)  # the last block's output is read by the head alone
+    assert torch.allclose(first, torch.tensor([[0.5, 0.0, 0.5]]))  # r (I + A) / 2
+    w = token_weights(first, 0.5)
+    assert torch.allclose(w, torch.tensor([[1.25, 0.5, 1.25]])) and w.mean().item() == pytest.approx(1.0)
+    assert torch.equal(token_weights(first, 0.0), torch.ones(1, 3))
+
+
+def test_focused_loss_with_weights_one_is_the_plain_mse():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 4)
+    units = [nn.Linear(4, 4, bias=False) for _ in range(2)]
+    units[1].load_state_dict(units[0].state_dict())
+    cfg = DFQConfig(recon_iters=20, recon_batch_size=16, recon_weight_lr=0.01, recon_drop=0.0)
+    a = reconstruct_unit(units[0], x, x, 2 * x, cfg, seed=0, device="cpu")
+    b = reconstruct_unit(units[1], x, x, 2 * x, cfg, seed=0, device="cpu", weights=torch.ones(64, 5))
+    assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-5)
+    assert torch.allclose(units[0].weight, units[1].weight, atol=1e-6)
+    # a token of weight 0 is not trained for: with only token 0 weighted, the error of the others stays
+    unit = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        unit.weight.copy_(torch.eye(4))
+    target = x.clone()
+    target[:, 0] *= 2
+    weights = torch.zeros(64, 5)
+    weights[:, 0] = 5.0
+    reconstruct_unit(unit, x, x, target, DFQConfig(recon_iters=200, recon_batch_size=64, recon_weight_lr=0.05,
+                                                    recon_drop=0.0), seed=0, device="cpu", weights=weights)
+    assert torch.allclose(unit.weight.detach(), 2 * torch.eye(4), atol=0.05)  # fits token 0, ignores the rest
+
+
+def test_readout_importance_of_a_class_token_vit():
+    fp, q, images = _calibrated_pair("w4a4", 8)
+    imp = readout_importance(make_teacher(fp, q), images, 4, "cpu")
+    assert imp.shape == (8, 2, 17)  # images, blocks, CLS + 16 patches
+    assert torch.allclose(imp.sum(-1), torch.ones(8, 2), atol=1e-5)
+    assert torch.equal(imp[:, 1], torch.eye(17)[0].expand(8, 17))  # the last block: only CLS is read
+    assert bool((imp[:, 0, 0] >= 0.5).all()) and bool((imp[:, 0, 1:] > 0).all())
+
+
 def test_units_follow_the_forward_order_of_vit_and_swin():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
     assert reconstruction_units(vit) == ["blocks.0", "blocks.1"]
@@ -110,6 +156,19 @@ def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
     with torch.no_grad():
         assert (q(images) - fp(images)).pow(2).mean().item() < logits_err_before
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_focused_reconstruction_lowers_the_error_of_the_class_token_most():
+    fp, q, images = _calibrated_pair("w4a4", 64)
+    teacher = make_teacher(fp, q)
+    q_plain = copy.deepcopy(q)
+    cfg = DFQConfig(recon_iters=40, recon_batch_size=16, calib_batch_size=32)
+    reconstruct(teacher, q_plain, images, cfg, "cpu")
+    reconstruct(teacher, q, images, DFQConfig(**{**cfg.to_dict(), "recon_focus": 0.9}), "cpu")
+    with torch.no_grad():  # what the head reads: the last block's class token
+        ref = fp.forward_features(images)[:, 0]
+        err = [(m.forward_features(images)[:, 0] - ref).pow(2).mean().item() for m in (q_plain, q)]
+    assert err[1] < err[0], err
 
 
 def test_reconstruction_keeps_8_bit_weight_scales_positive():

@@ -276,6 +276,7 @@ def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data,
     from maskaq_deploy.calib import RECIPES as ALL_RECIPES
     from maskaq_deploy.calib import attach_quantizers
     from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
+    from maskaq_deploy.calib.dfq.errors import ResumeError
 
     method, preset, overrides = spec
     overrides = {**overrides, **(QUICK if args.quick else {})}
@@ -295,9 +296,17 @@ def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data,
         print(f"    {event['stage']} {event['step']}/{event['total']} {losses}", flush=True)
 
     cpu0, reused0 = time.process_time(), dict(REUSED)
-    summary = run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
-                              real_images=real[0], real_labels=real[1], resume=True, device=device,
-                              progress=progress)
+
+    def calibrate(resume: bool):
+        return run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
+                               real_images=real[0], real_labels=real[1], resume=resume, device=device,
+                               progress=progress)
+
+    try:
+        summary = calibrate(resume=True)
+    except ResumeError:  # a checkpoint of this cell from before a settings change: it measures something else
+        print(f"    {run_dir} holds a run with other settings: starting over", flush=True)
+        summary = calibrate(resume=False)
     reused = {k: REUSED[k] - reused0[k] for k in REUSED}
     # a run that reused synthesized batches is charged what they cost when they were made
     cpu_seconds = time.process_time() - cpu0 + reused["cpu_seconds"]

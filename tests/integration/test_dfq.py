@@ -27,11 +27,11 @@ from maskaq_deploy.runtimes.compare import sqnr_db
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2, "num_heads": 2,
             "mlp_ratio": 2.0}
 DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
-# Small but complete: 3 synthesis batches, calibration, reconstruction of both blocks, 3 fine-tune epochs with a
-# refresh before epoch 2, guarded by 6 held-out images.
+# Small but complete: 3 synthesis batches, calibration, reconstruction of both blocks (focused, as in the presets),
+# 3 fine-tune epochs with a refresh before epoch 2, guarded by 6 held-out images.
 SMALL = {"num_images": 24, "batch_size": 8, "iterations": 12, "epochs": 3, "refresh_every": 2, "ft_batch_size": 8,
              "calib_batch_size": 16, "q_init_images": 8, "log_every": 4, "recon_iters": 4, "recon_batch_size": 8,
-             "ft_holdout": 0.25}
+             "recon_focus": 0.5, "ft_holdout": 0.25}
 
 
 @pytest.fixture(autouse=True)

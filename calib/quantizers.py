@@ -46,16 +46,8 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float, float8: bool = False):
-        code = x / scale if float8 else torch.round(x / scale)
-        if zero_point is not None:
-            code.add_(zero_point)
-        q = torch.clamp(code, qmin, qmax)
-        in_range = q.eq(code) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
-        if float8:  # round to the nearest E4M3 value (the cast rounds to nearest even, like ONNX's saturating Q)
-            q = q.to(torch.float8_e4m3fn).to(x.dtype)
-        if zero_point is not None:
-            q.sub_(zero_point)
-        out = q.mul_(scale)
+        out, in_range = _lsq_values(x, scale, zero_point, qmin, qmax, float8,
+                                    in_range=ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(in_range, x, out, scale)
         else:
@@ -74,11 +66,29 @@ class _LSQFakeQuant(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), grad_s, None, None, None, None, None
 
 
+def _lsq_values(x, scale, zero_point, qmin: int, qmax: int, float8: bool, in_range: bool):
+    """The fake-quantized values, and the "code on the grid" mask when ``in_range`` (the backward's input)."""
+    code = x / scale if float8 else torch.round(x / scale)
+    if zero_point is not None:
+        code.add_(zero_point)
+    q = torch.clamp(code, qmin, qmax)
+    mask = q.eq(code) if in_range else None
+    if float8:  # round to the nearest E4M3 value (the cast rounds to nearest even, like ONNX's saturating Q)
+        q = q.to(torch.float8_e4m3fn).to(x.dtype)
+    if zero_point is not None:
+        q.sub_(zero_point)
+    return q.mul_(scale), mask
+
+
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                    grad_factor: float = 1.0, float8: bool = False) -> torch.Tensor:
     """``fake_quant`` (same values) whose scale gradient is LSQ's, scaled by ``grad_factor``; the training
     path. ``zero_point=None`` for a symmetric grid saves two passes over the tensor. ``float8``: the E4M3
-    grid (qmin/qmax -448/448) instead of the integer one."""
+    grid (qmin/qmax -448/448) instead of the integer one. Without grad mode (evaluation, calibration passes)
+    the same values come without the autograd node: a learnable scale would otherwise make it compute the
+    backward's mask and keep the input and output alive for a backward that never comes."""
+    if not torch.is_grad_enabled():
+        return _lsq_values(x, scale, zero_point, qmin, qmax, float8, in_range=False)[0]
     return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, float8)
 
 

@@ -41,9 +41,23 @@ def test_lsq_gradients_follow_the_lsq_definition(zero_point, qmin, qmax):
     assert torch.equal(y.detach(), fake_quant(x.detach(), torch.tensor(s), torch.tensor(zero_point), qmin, qmax))
     if zero_point == 0.0:
         assert torch.equal(y.detach(), lsq_fake_quant(x.detach(), torch.tensor(s), None, qmin, qmax))
+    with torch.no_grad():  # evaluation: the same values, with a learnable scale, without the autograd node
+        assert torch.equal(y.detach(), lsq_fake_quant(x, scale, torch.tensor(zero_point), qmin, qmax, g))
     assert x.grad.tolist() == inside.float().tolist()
     expected_ds = torch.where(inside, torch.round(v) - v, codes - zero_point).sum() * g
     assert scale.grad.item() == pytest.approx(expected_ds.item(), rel=1e-5)
+
+
+def test_lsq_without_grad_mode_gives_the_training_values_on_every_grid():
+    x = torch.randn(4, 33) * 5
+    scale = torch.nn.Parameter(torch.tensor(0.07))
+    for zp, qmin, qmax, f8 in ((None, -128, 127, False), (torch.tensor(5.0), 0, 255, False),
+                               (None, -448, 448, True)):
+        trained = lsq_fake_quant(x, scale, zp, qmin, qmax, 1.0, f8)
+        with torch.no_grad():
+            evaluated = lsq_fake_quant(x, scale, zp, qmin, qmax, 1.0, f8)
+        assert trained.grad_fn is not None and evaluated.grad_fn is None
+        assert torch.equal(trained.detach(), evaluated)
 
 
 def test_fused_lsq_sums_the_scale_gradient_to_per_channel_shape():

@@ -183,7 +183,7 @@ calib_options = _option_group(
                  help="TOML file with [model] and [calibrate] tables; options override it."),
     click.option("--method", default=None,
                  help="maskaq (default, data-free), psaq, noise (data-free baselines) or real (user images)."),
-    click.option("--preset", default=None, help="fast (default), standard (fine-tune + refresh) or paper."),
+    click.option("--preset", default=None, help="fast (default) or paper; standard is another name for fast."),
     click.option("--save-images", is_flag=True, default=None, help="Write a PNG grid of the synthetic images."),
     click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT from its last checkpoint."),
     click.option("--recipe", default=None,

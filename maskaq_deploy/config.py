@@ -39,7 +39,7 @@ SEED_LIMIT = 2 ** 63  # seeds are in [0, 2^63): torch and numpy take them
 @dataclass(frozen=True)
 class CalibrateConfig:
     method: str = "maskaq"  # maskaq | psaq | noise | real
-    preset: str = "fast"  # fast | standard | paper: a set of DFQ config values
+    preset: str = "fast"  # fast | paper (standard: the same as fast): a set of DFQ config values
     recipe: str = "w8a8"  # built-in name or a .toml recipe file
     keep_fp: tuple[str, ...] = ()  # fnmatch patterns on module names kept in float
     calib_data: str | None = None  # real images (method real); default for the embedded model: embedded:calib

@@ -4,7 +4,7 @@ A preset is only a set of field values over the defaults (``fast``, ``standard``
 the same for all. The defaults are the published MaskAQ settings where the paper has one.
 
     cfg = DFQConfig.from_preset("fast", seed=3)
-    cfg = load_dfq_toml("dfq.toml")        # [dfq] table; optional  preset = "standard"  as the base
+    cfg = load_dfq_toml("dfq.toml")        # [dfq] table; optional  preset = "paper"  as the base
     DFQConfig.from_dict(cfg.to_dict()) == cfg
 """
 
@@ -201,17 +201,20 @@ class DFQConfig:
         return self.epochs > 0
 
 
-# Presets: only field values. ``fast`` and ``standard`` are sized for the embedded MNIST ViT on a 2-core CPU
-# (a few minutes). ``fast``: synthesis, calibration and block-wise reconstruction (200 steps per unit: on the
+# Presets: only field values. ``fast`` is sized for the embedded MNIST ViT on a 2-core CPU (a few
+# minutes). ``fast``: synthesis, calibration and block-wise reconstruction (200 steps per unit: on the
 # valid split, with the images of the TV weight below, 200 had the highest sum over three models and four
 # recipes and the smallest worst-case loss against 100 and 300; 300 lost up to 1.1 point at w3a3 and 0.6 at
 # w4a4, where it overfits the 256 images), with the unit loss half uniform, half weighted by the attention
 # rollout from P's readout (``recon_focus`` 0.5: valid split, seeds 0-2, w4a4 and w3a3, the class-token
 # embedded model gained 0.48 and 1.77 points and the average-pooling vit_gap moved by -0.01 and +0.15; 0.8
-# gained more on the first and lost 0.55 on the second). ``standard``: ``fast`` then a guarded fine-tune (a
-# quarter of the set held out to judge it, the best epoch kept, stop after 2 epochs without improvement) at a
-# small learning rate and without a refresh: the earlier 6-epoch fine-tune at 1e-3 with a refresh lowered w3a3
-# top-1 (83.38 against 86.10 for calibration alone, 3 seeds) while it lowered the KL on synthetic images.
+# gained more on the first and lost 0.55 on the second). ``standard`` has ``fast``'s values: it used to add a
+# guarded fine-tune (up to 4 epochs at lr 1e-4, a quarter of the set held out to judge it by the KL of Q from
+# P, the best epoch kept), but on the test split that fine-tune scored below ``fast`` more often than above it
+# (13 of 40 runs lower, up to 2.05 points; 7 higher, up to 0.42), on the valid split it lowered the embedded
+# model's w4a4 and raised its w3a3 (3 seeds), and the held-out KL on synthetic images does not rank the
+# outcomes, so no stricter guard could be chosen (docs/maskaq.md). The name stays so that
+# configs naming it keep working; ``epochs`` (with ``ft_holdout``) still turns the fine-tune on.
 # ``paper`` is the published schedule (10k images, 2000 iterations, batch 16, 200 epochs, refresh every 30
 # epochs) with the paper's augmentation. The short presets use a milder augmentation: with 100-200 instead of
 # 2000 iterations the images do not converge under the paper's strong per-channel jitter (on the embedded model
@@ -233,12 +236,11 @@ RECON_FOCUS = 0.5
 PRESETS: dict[str, dict] = {
     "fast": dict(num_images=256, batch_size=64, iterations=100, w_tv=SHORT_SCHEDULE_TV, epochs=0,
                  recon_iters=RECON_STEPS, recon_focus=RECON_FOCUS, **SHORT_SCHEDULE_AUGMENT),
-    "standard": dict(num_images=256, batch_size=64, iterations=100, w_tv=SHORT_SCHEDULE_TV, recon_iters=RECON_STEPS,
-                     recon_focus=RECON_FOCUS, epochs=4, ft_batch_size=32, ft_lr=1e-4, ft_holdout=0.25, ft_patience=2,
-                     **SHORT_SCHEDULE_AUGMENT),
+    "standard": {},  # the values of "fast" (see above); filled in below
     "paper": dict(num_images=10000, batch_size=16, iterations=2000, epochs=200, ft_batch_size=16,
                   refresh_every=30, calib_batch_size=32),
 }
+PRESETS["standard"] = dict(PRESETS["fast"])
 
 
 def preset_values(name: str) -> dict:

@@ -243,11 +243,9 @@ def test_config_round_trips_and_presets_are_valid():
     assert (paper.w_ce, paper.w_interhead, paper.w_tv, paper.w_mask, paper.w_entropy) == (1, 1, 2.5e-5, 0.1, 1)
     # the short presets weigh the image prior far above the paper's (chosen on the valid split, docs/maskaq.md)
     assert DFQConfig.from_preset("fast").w_tv == DFQConfig.from_preset("standard").w_tv == 4e-3
-    # standard is fast (same synthesis, same reconstruction) plus a guarded fine-tune: it costs more, never less
-    fast, std = DFQConfig.from_preset("fast").to_dict(), DFQConfig.from_preset("standard").to_dict()
-    assert fast["epochs"] == 0 and std["epochs"] > 0 and std["ft_holdout"] > 0 and std["ft_patience"] > 0
-    assert {k: v for k, v in std.items() if not k.startswith("ft_") and k not in ("epochs", "preset")} == \
-        {k: v for k, v in fast.items() if not k.startswith("ft_") and k not in ("epochs", "preset")}
+    # standard keeps fast's values (its guarded fine-tune did not pay, docs/maskaq.md): configs naming it still load
+    fast, std = DFQConfig.from_preset("fast"), DFQConfig.from_preset("standard")
+    assert fast.epochs == 0 and fast.recon_iters > 0 and std == fast.replace(preset="standard")
 
 
 @pytest.mark.parametrize("bad", [{"iterations": 0}, {"mask_drop": 1.0}, {"lr": -1.0}, {"autocast": "fp8"},
@@ -271,7 +269,7 @@ def test_config_from_toml_with_preset_base(tmp_path):
     path.write_text('[dfq]\npreset = "standard"\niterations = 50\nw_tv = 0\n')
     cfg = load_dfq_toml(path, seed=7)
     assert (cfg.preset, cfg.iterations, cfg.w_tv, cfg.seed) == ("standard", 50, 0.0, 7)
-    assert cfg.epochs == DFQConfig.from_preset("standard").epochs
+    assert cfg.recon_iters == DFQConfig.from_preset("standard").recon_iters
 
 
 def test_holdout_kl_is_the_mean_kl_at_temperature_one_over_all_images():

@@ -233,14 +233,14 @@ SHORT_SCHEDULE_AUGMENT = {"affine_mean": 0.2, "affine_std": 0.2, "noise_std": 0.
 SHORT_SCHEDULE_TV = 4e-3
 RECON_STEPS = 200
 RECON_FOCUS = 0.5
+FAST = dict(num_images=256, batch_size=64, iterations=100, w_tv=SHORT_SCHEDULE_TV, epochs=0,
+            recon_iters=RECON_STEPS, recon_focus=RECON_FOCUS, **SHORT_SCHEDULE_AUGMENT)
 PRESETS: dict[str, dict] = {
-    "fast": dict(num_images=256, batch_size=64, iterations=100, w_tv=SHORT_SCHEDULE_TV, epochs=0,
-                 recon_iters=RECON_STEPS, recon_focus=RECON_FOCUS, **SHORT_SCHEDULE_AUGMENT),
-    "standard": {},  # the values of "fast" (see above); filled in below
+    "fast": FAST,
+    "standard": dict(FAST),  # the values of "fast" (see above)
     "paper": dict(num_images=10000, batch_size=16, iterations=2000, epochs=200, ft_batch_size=16,
                   refresh_every=30, calib_batch_size=32),
 }
-PRESETS["standard"] = dict(PRESETS["fast"])
 
 
 def preset_values(name: str) -> dict:

@@ -39,6 +39,7 @@ from maskaq_deploy.calib.dfq.reconstruct import reconstruct, reconstruction_unit
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
 from maskaq_deploy.calib.dfq.sources import make_source
 from maskaq_deploy.calib.dfq.state import RunState, model_fingerprint
+from maskaq_deploy.calib.dfq.workers import resolve_workers
 from maskaq_deploy.calib.quantize import iter_quantizers
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
                     data_config: dict, run_dir, real_images: torch.Tensor | None = None,
                     real_labels: torch.Tensor | None = None, resume: bool = False, device="cpu",
                     progress: Progress | None = None, save_images: bool = False,
-                    dist: DistContext | None = None) -> dict:
+                    dist: DistContext | None = None, synthesis_workers: int | None = None) -> dict:
     """Calibrate (and, when the config says so, fine-tune) ``q_model`` in place with ``method``.
 
     ``fp_model``: the float model (never modified). ``q_model``: the same model with quantizers attached,
@@ -95,6 +96,9 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     environment describes (``distributed.setup``), or a single process when there is none. In a multi-process
     run every rank calls this with the same arguments; only rank 0 writes ``run_dir`` and receives ``progress``
     events, and every rank returns with the same ``q_model``.
+
+    ``synthesis_workers``: local processes that synthesize batches, one torch thread each (calib.dfq.workers);
+    by default one per torch thread on a Linux CPU, 1 (in this process) on CUDA or in a multi-process run.
     """
     t_start = time.perf_counter()
     source = make_source(method)
@@ -105,6 +109,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         raise DFQConfigError("device 'cuda' was requested but torch sees no CUDA device; use device='cpu'")
     dist = dist or distributed.setup(device)
     device = dist.device(device)
+    synthesis_workers = resolve_workers(synthesis_workers, device, dist.enabled)
     # the stages this source has, and the TV weight for the recipe's bit widths
     cfg = source.effective_config(config).for_bit_widths(q.bits for _, q in iter_quantizers(q_model) if q.enabled)
     # progress is drawn by rank 0 only: the other ranks would repeat the same bars
@@ -138,7 +143,8 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     ctx = RunContext(method=method, cfg=cfg, teacher=teacher, q_model=q_model, layout=token_layout(teacher),
                      num_classes=_num_classes(teacher), input_size=(c, h, w), mean=mean, std=std, device=device,
                      autocast_dtype=autocast_dtype_for(cfg, device), dist=dist, state=state, emit=emit,
-                     save_images=save_images, real_images=real_images, real_labels=real_labels)
+                     save_images=save_images, real_images=real_images, real_labels=real_labels,
+                     synthesis_workers=synthesis_workers)
     source.start(ctx)
 
     # Optimizers are built after calibration, which replaces the weight quantizers' scale parameters.
@@ -175,6 +181,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         "num_images": int(images.shape[0]),
         "rounds": cur_round + 1 if source.rounds() else 0,
         "resumed": state.resumed,
+        "synthesis_workers": synthesis_workers,
         "seconds": rec.seconds,
         "final_losses": rec.final,
         "curves": rec.curves,

@@ -5,7 +5,8 @@ round for the whole set and its own seed ``derive_seed(seed, "synth", method, ro
 pixels depend only on the global seed and its index, never on which process made it or how many there are.
 Missing batches are dealt round-robin to the ranks in waves (with nothing saved yet, rank r makes every batch
 with ``b % world == r``); after each wave every batch is broadcast from the rank that made it, so every rank
-holds the whole set in batch order, and rank 0 saves the wave.
+holds the whole set in batch order, and rank 0 saves the wave. In one process on a multi-core CPU the missing
+batches go to local one-thread worker processes instead (calib.dfq.workers), saved as each one arrives.
 
 Choice for Q's LSQ step sizes before MaskAQ first runs Q (``q_init = "noise"``): Q's observers are calibrated on
 ``q_init_images`` N(0, 1) images, as the reference effectively does (its LSQ initializes on the first,
@@ -27,6 +28,7 @@ from maskaq_deploy.calib.dfq.images import save_image_grid
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
 from maskaq_deploy.calib.dfq.state import derive_seed
 from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
+from maskaq_deploy.calib.dfq.workers import make_in_workers
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +98,9 @@ class SynthesisRounds:
         # rounded values, so resuming stays exact.
         return x.half(), {"final": last, "curve": curve if b == 0 else [], "attempts": attempt + 1}
 
-    def make(self, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_in_waves(self, rnd, missing, labels_of, done, total) -> None:
+        """In this process (and, in a torchrun job, its peers): waves of ``world`` batches dealt round-robin."""
         ctx, cfg, dist = self.ctx, self.ctx.cfg, self.ctx.dist
-        t0 = time.perf_counter()
-        labels_all = self.labels(rnd)
-        total = self.num_batches * cfg.iterations
-
-        def labels_of(b: int) -> torch.Tensor:
-            return labels_all[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-
-        done = self._saved(rnd, labels_of)
-        for i, b in enumerate(sorted(done)):
-            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (i + 1) * cfg.iterations,
-                      "total": total, "losses": done[b][1].get("final", {})})
-        missing = [b for b in range(self.num_batches) if b not in done]
-        if missing and rnd == 0 and not self.q_ready and self.setup.student is not None and cfg.w_mask > 0:
-            self._init_q_on_noise()  # on every rank: the same deterministic Q for the whole round
         # Waves of ``world`` batches, dealt round-robin; one process makes one batch per wave.
         for start in range(0, len(missing), dist.world_size):
             wave = missing[start:start + dist.world_size]
@@ -138,6 +127,50 @@ class SynthesisRounds:
                 if j == len(wave) - 1:  # one event per wave keeps the bar monotonic
                     ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": len(done) * cfg.iterations,
                               "total": total, "losses": info.get("final", {})})
+
+    def _make_in_workers(self, rnd, missing, labels_of, done, total) -> None:
+        """In local one-thread worker processes (calib.dfq.workers); each batch is saved as it arrives."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        base, steps = len(done) * cfg.iterations, {}
+
+        def on_log(b, step, losses):
+            steps[b] = step + 1
+            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + sum(steps.values()),
+                      "total": total, "losses": losses})
+
+        def on_done(b, imgs, info):
+            if info["attempts"] > 1:
+                log.warning("synthesis batch %d of round %d diverged (non-finite pixels); made on attempt %d",
+                            b, rnd, info["attempts"])
+            ctx.state.save_batch(rnd, b, imgs, labels_of(b), info)
+            done[b] = (imgs, info)
+            steps[b] = cfg.iterations
+            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + sum(steps.values()),
+                      "total": total, "losses": info.get("final", {})})
+
+        make_in_workers(lambda b, log_fn: self._one(rnd, b, labels_of(b), log_fn), missing,
+                        ctx.synthesis_workers, on_log, on_done)
+
+    def make(self, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx, cfg, dist = self.ctx, self.ctx.cfg, self.ctx.dist
+        t0 = time.perf_counter()
+        labels_all = self.labels(rnd)
+        total = self.num_batches * cfg.iterations
+
+        def labels_of(b: int) -> torch.Tensor:
+            return labels_all[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+
+        done = self._saved(rnd, labels_of)
+        for i, b in enumerate(sorted(done)):
+            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (i + 1) * cfg.iterations,
+                      "total": total, "losses": done[b][1].get("final", {})})
+        missing = [b for b in range(self.num_batches) if b not in done]
+        if missing and rnd == 0 and not self.q_ready and self.setup.student is not None and cfg.w_mask > 0:
+            self._init_q_on_noise()  # on every rank: the same deterministic Q for the whole round
+        if ctx.synthesis_workers > 1 and missing:
+            self._make_in_workers(rnd, missing, labels_of, done, total)
+        else:
+            self._make_in_waves(rnd, missing, labels_of, done, total)
         ctx.state.drop_rounds_before(rnd)
         finals = [done[b][1].get("final", {}) for b in range(self.num_batches)]
         ctx.record.curves["synthesis"].append({"round": rnd, "curve": done[0][1].get("curve", [])})

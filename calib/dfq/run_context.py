@@ -46,6 +46,7 @@ class RunContext:
     save_images: bool
     real_images: torch.Tensor | None = None
     real_labels: torch.Tensor | None = None
+    synthesis_workers: int = 1  # local one-thread synthesis processes (calib.dfq.workers); 1: in this process
     record: Record = field(default_factory=Record)
 
 

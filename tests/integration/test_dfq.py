@@ -102,11 +102,12 @@ def assert_same_state(a: dict, b: dict):
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
-def run(q_fp, run_dir, method="maskaq", resume=False, **cfg):
+def run(q_fp, run_dir, method="maskaq", resume=False, synthesis_workers=None, **cfg):
     fp, q = q_fp
     config = DFQConfig(**{**SMALL, **cfg})
     return run_calibration(fp, q, method=method, config=config, data_config=DATA, run_dir=run_dir,
-                           resume=resume, real_images=torch.randn(40, 1, 16, 16), real_labels=torch.arange(40) % 10)
+                           resume=resume, real_images=torch.randn(40, 1, 16, 16), real_labels=torch.arange(40) % 10,
+                           synthesis_workers=synthesis_workers)
 
 
 def all_calibrated(q) -> bool:
@@ -267,22 +268,29 @@ CHILD = textwrap.dedent("""
     def slow(event):
         # give the parent time to kill us mid-run (between the two reconstructed blocks, or mid-synthesis)
         time.sleep(1.0 if event["stage"] == "reconstruction" else 0.02)
+    if {workers} > 1:  # the worker making the last batch of the first set is still busy when the parent dies
+        from maskaq_deploy.calib.dfq.rounds import SynthesisRounds
+        one = SynthesisRounds._one
+        SynthesisRounds._one = lambda self, rnd, b, *a: (time.sleep(60) if (rnd, b) == (0, 2) else None) or \
+            one(self, rnd, b, *a)
     fp, q = tiny_models()
     from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
     from test_dfq import SMALL, DATA
     run_calibration(fp, q, method="maskaq", config=DFQConfig(**SMALL), data_config=DATA, run_dir={run_dir!r},
-                    progress=slow)
+                    progress=slow, synthesis_workers={workers})
 """)
 
 
-@pytest.mark.parametrize("trigger", ["round000/batch00001.safetensors", "reconstructed.safetensors",
-                                     "round001/batch00000.safetensors"],
-                         ids=["during-first-synthesis", "during-reconstruction", "during-refresh"])
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
+@pytest.mark.parametrize("trigger,workers", [("round000/batch00001.safetensors", 1),
+                                             ("round000/batch00001.safetensors", 2),
+                                             ("reconstructed.safetensors", 1), ("round001/batch00000.safetensors", 1)],
+                         ids=["during-first-synthesis", "during-synthesis-in-workers", "during-reconstruction",
+                              "during-refresh"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger, workers):
     ref = tiny_models()
     ref_summary = run(ref, tmp_path / "ref")
     run_dir = tmp_path / "killed"
-    code = CHILD.format(tests=str(Path(__file__).parent), run_dir=str(run_dir))
+    code = CHILD.format(tests=str(Path(__file__).parent), run_dir=str(run_dir), workers=workers)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     target = run_dir / "dfq" / trigger
@@ -292,6 +300,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
     assert proc.poll() is None, f"child ended before the kill point: {proc.stdout.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert wait_for_no_process_running(code), "a synthesis worker outlived its killed parent"
     meta = json.loads((run_dir / "dfq" / "run.json").read_text())
     assert not meta.get("completed")
     if trigger == "reconstructed.safetensors":  # killed between the two blocks: the resume redoes only the second
@@ -305,6 +314,38 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, trigger):
     assert_same_state(q_state(ref[1]), q_state(resumed[1]))
     assert summary["final_losses"]["finetune"] == pytest.approx(ref_summary["final_losses"]["finetune"], rel=0,
                                                                 abs=0)
+
+
+def wait_for_no_process_running(code: str, timeout_s: float = 10.0) -> bool:
+    """Whether every process whose command line holds ``code`` (the child and the workers it forked) is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if code.encode() in cmdline.read_bytes():
+                    alive.append(cmdline)
+            except OSError:  # the process ended while we looked
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_synthesis_workers_make_the_same_images_and_model_as_one_process(tmp_path):
+    # Each batch is made at one torch thread in either case, so the pixels and the calibrated, reconstructed
+    # and fine-tuned Q are bit-identical; both synthesis rounds (the first set and the refresh) go to workers.
+    one = tiny_models()
+    s1 = run(one, tmp_path / "one", synthesis_workers=1)
+    two = tiny_models()
+    s2 = run(two, tmp_path / "two", synthesis_workers=2)
+    assert (s1["synthesis_workers"], s2["synthesis_workers"]) == (1, 2)
+    for f in sorted((tmp_path / "two/dfq").glob("round*/batch*.safetensors")):
+        ta, tb = load_file(str(tmp_path / "one/dfq" / f.parent.name / f.name)), load_file(str(f))
+        assert all(torch.equal(ta[k], tb[k]) for k in ("images", "labels")), f.name
+    assert_same_state(q_state(one[1]), q_state(two[1]))
+    assert s1["final_losses"]["synthesis"] == s2["final_losses"]["synthesis"]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):

@@ -1,0 +1,72 @@
+"""Local synthesis worker processes (calib.dfq.workers) on plain functions: results, progress, errors, deaths."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from maskaq_deploy.calib.dfq import workers
+from maskaq_deploy.calib.dfq.errors import DFQConfigError, SynthesisError
+
+pytestmark = pytest.mark.skipif(not workers.can_fork(), reason="synthesis workers need fork (Linux)")
+
+
+def square_batch(b, on_log):
+    for step in range(3):
+        on_log(step, {"loss": float(b * 10 + step)})
+    return torch.full((2, 2), float(b * b), dtype=torch.float16), {"attempts": 1, "pid": os.getpid(),
+                                                                     "threads": torch.get_num_threads()}
+
+
+def test_every_batch_comes_back_once_with_its_progress():
+    done, logs = {}, []
+    workers.make_in_workers(square_batch, [0, 1, 2, 3, 4], 2, lambda b, s, losses: logs.append((b, s, losses)),
+                            lambda b, imgs, info: done.setdefault(b, (imgs, info)))
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    for b, (imgs, info) in done.items():
+        assert imgs.dtype == torch.float16 and torch.equal(imgs, torch.full((2, 2), float(b * b), dtype=torch.float16))
+        assert info["pid"] != os.getpid() and info["threads"] == 1  # made in a one-thread worker
+    assert sorted(logs) == [(b, s, {"loss": float(b * 10 + s)}) for b in range(5) for s in range(3)]
+
+
+def test_more_workers_than_batches_starts_one_per_batch():
+    done = {}
+    workers.make_in_workers(square_batch, [7], 4, lambda *a: None, lambda b, imgs, info: done.setdefault(b, info))
+    assert list(done) == [7]
+
+
+def fails_on_two(b, on_log):
+    if b == 2:
+        raise DFQConfigError("batch 2 is bad; fix the config")
+    return square_batch(b, on_log)
+
+
+def test_a_workers_error_is_raised_in_the_parent_with_its_type_and_message():
+    with pytest.raises(DFQConfigError, match="batch 2 is bad; fix the config"):
+        workers.make_in_workers(fails_on_two, [0, 1, 2, 3], 2, lambda *a: None, lambda *a: None)
+
+
+def killed_on_one(b, on_log):
+    if b == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return square_batch(b, on_log)
+
+
+def test_a_worker_that_dies_raises_a_one_line_synthesis_error():
+    with pytest.raises(SynthesisError, match=r"worker process died \(exit code -9.*--resume"):
+        workers.make_in_workers(killed_on_one, [0, 1, 2, 3], 2, lambda *a: None, lambda *a: None)
+
+
+def test_worker_count_rules(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert workers.resolve_workers(None, cpu, distributed=False) == 3  # one per torch thread
+    assert workers.resolve_workers(2, cpu, distributed=False) == 2
+    assert workers.resolve_workers(None, cpu, distributed=True) == 1  # torchrun ranks split the batches already
+    assert workers.resolve_workers(4, cuda, distributed=False) == 1
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(DFQConfigError, match="synthesis_workers must be a positive integer"):
+            workers.resolve_workers(bad, cpu, distributed=False)

@@ -28,7 +28,7 @@ from maskaq_deploy.calib.dfq.images import save_image_grid
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
 from maskaq_deploy.calib.dfq.state import derive_seed
 from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
-from maskaq_deploy.calib.dfq.workers import make_in_workers
+from maskaq_deploy.calib.dfq.workers import WorkersUnavailable, make_in_workers, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,15 @@ class SynthesisRounds:
             ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + sum(steps.values()),
                       "total": total, "losses": info.get("final", {})})
 
-        make_in_workers(lambda b, log_fn: self._one(rnd, b, labels_of(b), log_fn), missing,
-                        ctx.synthesis_workers, on_log, on_done)
+        try:
+            make_in_workers(lambda b, log_fn: self._one(rnd, b, labels_of(b), log_fn), missing,
+                            ctx.synthesis_workers, on_log, on_done)
+        except WorkersUnavailable as e:
+            log.warning("synthesis workers unavailable in this process (%s); making the batches here at one "
+                        "thread, which gives the same images", e)
+            ctx.record.synthesis_workers = 1
+            with one_thread():
+                self._make_in_waves(rnd, [b for b in missing if b not in done], labels_of, done, total)
 
     def make(self, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
         ctx, cfg, dist = self.ctx, self.ctx.cfg, self.ctx.dist

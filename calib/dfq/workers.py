@@ -18,6 +18,7 @@ on CUDA, and in a torchrun job (whose ranks already split the batches), synthesi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -39,6 +40,11 @@ POLL_S = 1.0  # how often the parent checks that its workers are still alive whi
 _TASK: dict[str, Callable] = {}
 
 
+class WorkersUnavailable(Exception):
+    """Forked workers cannot run autograd in this process: something here (e.g. an ONNX export of a quantized
+    model) started autograd's device threads before the fork. The caller makes the batches itself instead."""
+
+
 def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
@@ -54,6 +60,17 @@ def resolve_workers(requested: int | None, device: torch.device, distributed: bo
     return requested if requested is not None else max(1, torch.get_num_threads())
 
 
+@contextlib.contextmanager
+def one_thread():
+    """This process at one torch thread for a while: the numerics of a worker."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _die_with_parent(parent: int) -> None:
     """Have the kernel kill this worker when the parent dies, even by SIGKILL (which runs no clean-up): an
     orphaned worker would otherwise go on making the remaining batches for nobody."""
@@ -67,11 +84,26 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _autograd_problem() -> str | None:
+    """Why autograd cannot run in this forked worker, or None: it refuses to in a child forked after it started
+    its device threads in the parent."""
+    try:
+        x = torch.zeros(1, requires_grad=True)
+        (x * 2).sum().backward()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def _worker_main(tasks, results, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     logging.disable(logging.CRITICAL)  # a handler's lock may have been held at the fork; the parent logs
     torch.set_num_threads(1)
+    problem = _autograd_problem()
+    if problem:
+        results.put(("unavailable", -1, problem))
+        return
     make = _TASK["make"]
     while (b := tasks.get()) is not None:
         try:
@@ -128,6 +160,8 @@ def make_in_workers(make: Callable, batches: list[int], workers: int,
                 on_log(b, *payload)
             elif kind == "error":
                 raise payload
+            elif kind == "unavailable":
+                raise WorkersUnavailable(payload)
             else:
                 images, info = payload
                 remaining.discard(b)

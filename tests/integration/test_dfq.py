@@ -333,19 +333,57 @@ def wait_for_no_process_running(code: str, timeout_s: float = 10.0) -> bool:
     return False
 
 
+WORKERS_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_dfq import tiny_models, run
+    torch.set_num_threads(1)
+    fp, q = tiny_models()
+    summary = run((fp, q), {run_dir!r}, synthesis_workers=2)
+    torch.save(q.state_dict(), {run_dir!r} + "/q.pt")
+    print(json.dumps({{k: summary[k] for k in ("synthesis_workers", "final_losses")}}))
+""")
+
+
 def test_synthesis_workers_make_the_same_images_and_model_as_one_process(tmp_path):
     # Each batch is made at one torch thread in either case, so the pixels and the calibrated, reconstructed
     # and fine-tuned Q are bit-identical; both synthesis rounds (the first set and the refresh) go to workers.
+    # The worker run has a process of its own: earlier tests in this one may have made fork unusable (below).
+    code = WORKERS_CHILD.format(tests=str(Path(__file__).parent), run_dir=str(tmp_path / "two"))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    two = json.loads(child.stdout.strip().splitlines()[-1])
+    assert two["synthesis_workers"] == 2  # the workers made every batch
     one = tiny_models()
     s1 = run(one, tmp_path / "one", synthesis_workers=1)
-    two = tiny_models()
-    s2 = run(two, tmp_path / "two", synthesis_workers=2)
-    assert (s1["synthesis_workers"], s2["synthesis_workers"]) == (1, 2)
-    for f in sorted((tmp_path / "two/dfq").glob("round*/batch*.safetensors")):
+    assert s1["synthesis_workers"] == 1
+    files = sorted((tmp_path / "two/dfq").glob("round*/batch*.safetensors"))
+    assert files
+    for f in files:
         ta, tb = load_file(str(tmp_path / "one/dfq" / f.parent.name / f.name)), load_file(str(f))
         assert all(torch.equal(ta[k], tb[k]) for k in ("images", "labels")), f.name
+    assert_same_state(q_state(one[1]), torch.load(tmp_path / "two/q.pt"))
+    assert json.loads(json.dumps(s1["final_losses"])) == two["final_losses"]
+
+
+def test_synthesis_falls_back_to_this_process_when_forked_workers_cannot_run_autograd(tmp_path, monkeypatch,
+                                                                                      caplog):
+    # After some operations (an ONNX export of a quantized model, for one) a forked child cannot run autograd;
+    # the workers say so and the run makes the batches itself, at one thread: the same images.
+    from maskaq_deploy.calib.dfq import workers
+
+    one = tiny_models()
+    run(one, tmp_path / "one", synthesis_workers=1, epochs=0, refresh_every=0, ft_holdout=0.0)
+    monkeypatch.setattr(workers, "_autograd_problem", lambda: "autograd is unusable here")
+    two = tiny_models()
+    s2 = run(two, tmp_path / "two", synthesis_workers=2, epochs=0, refresh_every=0, ft_holdout=0.0)
+    assert s2["synthesis_workers"] == 1
+    assert "synthesis workers unavailable in this process (autograd is unusable here)" in caplog.text
+    for f in sorted((tmp_path / "one/dfq").glob("round000/batch*.safetensors")):
+        assert torch.equal(load_file(str(f))["images"],
+                           load_file(str(tmp_path / "two/dfq/round000" / f.name))["images"]), f.name
     assert_same_state(q_state(one[1]), q_state(two[1]))
-    assert s1["final_losses"]["synthesis"] == s2["final_losses"]["synthesis"]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):

@@ -14,6 +14,12 @@ from maskaq_deploy.calib.dfq.errors import DFQConfigError, SynthesisError
 pytestmark = pytest.mark.skipif(not workers.can_fork(), reason="synthesis workers need fork (Linux)")
 
 
+@pytest.fixture(autouse=True)
+def autograd_usable(monkeypatch):
+    # These toy batches use no autograd; earlier tests in this process may have made it unusable after a fork.
+    monkeypatch.setattr(workers, "_autograd_problem", lambda: None)
+
+
 def square_batch(b, on_log):
     for step in range(3):
         on_log(step, {"loss": float(b * 10 + step)})
@@ -58,6 +64,14 @@ def killed_on_one(b, on_log):
 def test_a_worker_that_dies_raises_a_one_line_synthesis_error():
     with pytest.raises(SynthesisError, match=r"worker process died \(exit code -9.*--resume"):
         workers.make_in_workers(killed_on_one, [0, 1, 2, 3], 2, lambda *a: None, lambda *a: None)
+
+
+def test_workers_that_cannot_run_autograd_say_so(monkeypatch):
+    monkeypatch.setattr(workers, "_autograd_problem", lambda: "autograd is unusable here")
+    done = {}
+    with pytest.raises(workers.WorkersUnavailable, match="autograd is unusable here"):
+        workers.make_in_workers(square_batch, [0, 1], 2, lambda *a: None, lambda b, *a: done.setdefault(b, a))
+    assert not done
 
 
 def test_worker_count_rules(monkeypatch):

@@ -181,7 +181,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
         "num_images": int(images.shape[0]),
         "rounds": cur_round + 1 if source.rounds() else 0,
         "resumed": state.resumed,
-        "synthesis_workers": rec.synthesis_workers or synthesis_workers,  # 1 when a round fell back to this process
+        "synthesis_workers": rec.synthesis_workers or synthesis_workers,  # as the last synthesis round ran
         "seconds": rec.seconds,
         "final_losses": rec.final,
         "curves": rec.curves,

@@ -28,7 +28,7 @@ from maskaq_deploy.calib.dfq.images import save_image_grid
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
 from maskaq_deploy.calib.dfq.state import derive_seed
 from maskaq_deploy.calib.dfq.synthesis import SynthesisSetup, synthesize_batch
-from maskaq_deploy.calib.dfq.workers import WorkersUnavailable, make_in_workers, one_thread
+from maskaq_deploy.calib.dfq.workers import WorkersUnavailable, make_in_workers, one_thread, workers_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,18 @@ class SynthesisRounds:
             ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + sum(steps.values()),
                       "total": total, "losses": info.get("final", {})})
 
+        n = workers_that_fit(ctx.synthesis_workers, self.setup.teacher, ctx.input_size, cfg.batch_size)
+        ctx.record.synthesis_workers = n
+        if n < 2:  # one batch at a time is all that fits: in this process, with all its threads
+            log.info("synthesis: only one batch at a time fits in the available memory; making them in this "
+                     "process instead of %d worker processes", ctx.synthesis_workers)
+            self._make_in_waves(rnd, missing, labels_of, done, total)
+            return
+        if n < ctx.synthesis_workers:
+            log.info("synthesis: %d worker processes fit in the available memory (of %d asked)", n,
+                     ctx.synthesis_workers)
         try:
-            make_in_workers(lambda b, log_fn: self._one(rnd, b, labels_of(b), log_fn), missing,
-                            ctx.synthesis_workers, on_log, on_done)
+            make_in_workers(lambda b, log_fn: self._one(rnd, b, labels_of(b), log_fn), missing, n, on_log, on_done)
         except WorkersUnavailable as e:
             log.warning("synthesis workers unavailable in this process (%s); making the batches here at one "
                         "thread, which gives the same images", e)

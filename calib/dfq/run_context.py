@@ -25,7 +25,7 @@ class Record:
                                                              "finetune": []})
     final: dict[str, dict] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)  # saved image grids
-    synthesis_workers: int | None = None  # set to 1 when the workers were unavailable and synthesis ran here
+    synthesis_workers: int | None = None  # the worker processes the last synthesis round used (1: this process)
 
 
 @dataclass

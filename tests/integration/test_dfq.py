@@ -386,6 +386,16 @@ def test_synthesis_falls_back_to_this_process_when_forked_workers_cannot_run_aut
     assert_same_state(q_state(one[1]), q_state(two[1]))
 
 
+def test_synthesis_stays_in_this_process_when_one_batch_at_a_time_is_all_that_fits(tmp_path, monkeypatch):
+    from maskaq_deploy.calib.dfq import workers
+
+    monkeypatch.setattr(workers, "available_memory", lambda: 1 << 20)  # 1 MiB: not even one batch "fits"
+    s = run(tiny_models(), tmp_path / "capped", synthesis_workers=2, epochs=0, refresh_every=0, ft_holdout=0.0)
+    assert s["synthesis_workers"] == 1 and s["final_losses"]["synthesis"]["total"] == pytest.approx(
+        run(tiny_models(), tmp_path / "one", synthesis_workers=1, epochs=0, refresh_every=0,
+            ft_holdout=0.0)["final_losses"]["synthesis"]["total"], rel=0, abs=0)
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path, monkeypatch):
     from maskaq_deploy.calib.dfq import rounds
 

@@ -74,6 +74,21 @@ def test_workers_that_cannot_run_autograd_say_so(monkeypatch):
     assert not done
 
 
+def test_activation_bytes_count_every_leaf_output_for_one_image():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Sequential(torch.nn.ReLU()))
+    # Flatten 12 + Linear 5 + ReLU 5 float32 values
+    assert workers.activation_bytes_per_image(model, (3, 2, 2)) == (12 + 5 + 5) * 4
+
+
+def test_workers_are_capped_by_the_memory_one_batch_needs(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Sequential(torch.nn.ReLU()))
+    per_worker = workers.MEMORY_FACTOR * 8 * 88  # batch 8, 88 bytes of outputs per image
+    for avail, expected in ((None, 4), (100 * per_worker, 4), (3 * per_worker / workers.MEMORY_SHARE, 3),
+                            (per_worker, 1), (0, 1)):
+        monkeypatch.setattr(workers, "available_memory", lambda avail=avail: avail)
+        assert workers.workers_that_fit(4, model, (3, 2, 2), 8) == expected, avail
+
+
 def test_worker_count_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)

@@ -301,9 +301,11 @@ def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data,
     cpu0, reused0 = time.process_time(), dict(REUSED)
 
     def calibrate(resume: bool):
+        # synthesis in this process (no worker processes at --threads > 1): the CPU time measured here and the
+        # image cache (share_synthesized_images) see all of it
         return run_calibration(fp, q, method=method, config=config, data_config=data, run_dir=run_dir,
                                real_images=real[0], real_labels=real[1], resume=resume, device=device,
-                               progress=progress)
+                               progress=progress, synthesis_workers=1)
 
     try:
         summary = calibrate(resume=True)

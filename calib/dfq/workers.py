@@ -199,16 +199,15 @@ def make_in_workers(make: Callable, batches: list[int], workers: int,
     mp = multiprocessing.get_context("fork")
     tasks, results = mp.SimpleQueue(), mp.Queue()
     n = min(workers, len(batches))
-    for b in batches:
-        tasks.put(b)
-    for _ in range(n):
-        tasks.put(None)
     _TASK["make"] = make
     procs = [mp.Process(target=_worker_main, args=(tasks, results, os.getpid()), daemon=True,
                         name=f"maskaq-synthesis-{i}") for i in range(n)]
     try:
         for p in procs:
             p.start()
+        # after the start: the pipe holds ~64 KB, and thousands of queued indices would block with no reader
+        for b in [*batches, *[None] * n]:
+            tasks.put(b)
         remaining, idle_after_exit = set(batches), 0
         while remaining:
             try:

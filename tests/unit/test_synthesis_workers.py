@@ -38,6 +38,17 @@ def test_every_batch_comes_back_once_with_its_progress():
     assert sorted(logs) == [(b, s, {"loss": float(b * 10 + s)}) for b in range(5) for s in range(3)]
 
 
+def tiny_batch(b, on_log):
+    return torch.zeros(1, dtype=torch.float16), {"attempts": 1}
+
+
+def test_more_batch_indices_than_the_task_pipe_holds_are_all_made():
+    done = {}
+    workers.make_in_workers(tiny_batch, list(range(6000)), 2, lambda *a: None,
+                            lambda b, imgs, info: done.setdefault(b, 1))  # ~100 KB of queued indices
+    assert sorted(done) == list(range(6000))
+
+
 def test_more_workers_than_batches_starts_one_per_batch():
     done = {}
     workers.make_in_workers(square_batch, [7], 4, lambda *a: None, lambda b, imgs, info: done.setdefault(b, info))

@@ -5,10 +5,11 @@ does not parallelize inside one process. On 2 cores, two threads in one process 
 than one thread, two one-thread processes 2.01x (docs/distributed.md). Batches need no communication: each
 seeds itself from (seed, round, batch), and only its finished pixels come back.
 
-Same pixels for any number of workers: every batch is made at one torch thread, in a worker or (with one
-worker) in a one-thread calling process, so on a given machine the set does not depend on the worker count,
-and a resumed run that makes the missing batches in fewer workers gets the images the interrupted one would
-have made.
+Same pixels for any number of workers: every batch is made at one torch thread, as a one-thread process makes
+it in place, so on a given machine the set does not depend on the worker count, and a resumed run that makes
+the missing batches in fewer workers gets the images the interrupted one would have made. The exception is
+the memory cap: when only one batch at a time fits, the calling process makes them with all its threads
+(``workers_that_fit``), whose numerics differ from one thread's.
 
 Linux only (``fork``): the workers inherit the models and the synthesis set-up from the parent at the moment
 they start, so nothing is pickled but the batch indices going out and the pixels coming back (as numpy arrays:
@@ -26,6 +27,7 @@ import queue
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -81,7 +83,7 @@ def available_memory() -> int | None:
     when unknown."""
     avail = None
     try:
-        for line in open("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -90,8 +92,8 @@ def available_memory() -> int | None:
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            limit = open(limit_file).read().strip()
-            usage = int(open(usage_file).read().strip())
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < UNLIMITED:

@@ -101,6 +101,9 @@ ABLATIONS = {
     # w8a8 with the short presets' low-bit TV weight (their w8a8 before it got the paper's)
     "calib-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3, **NO_RECON}),
     "fast-8bit-tv-4e-3": ("maskaq", "fast", {"w_tv_8bit": 4e-3, **UNFOCUSED}),
+    # w8a8 synthesis steps per batch: fast's 50 (chosen for the default build's time budget) and 100 before it
+    "fast-8bit-iter-50": ("maskaq", "fast", {"iterations_8bit": 50}),
+    "fast-8bit-iter-100": ("maskaq", "fast", {"iterations_8bit": 100}),
     # soft labels: up to this share of each image's CE target on a second class
     "calib-soft-0.3": ("maskaq", "fast", {"soft_label_mix": 0.3, **NO_RECON}),
     "fast-soft-0.3": ("maskaq", "fast", {"soft_label_mix": 0.3, **UNFOCUSED}),
@@ -109,7 +112,8 @@ ABLATIONS = {
 # against maskaq-fast, the guarded fine-tune and its guard against maskaq-fast
 ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "calib-soft-0.3", "maskaq-calib", "no-ce", "no-interhead",
                     "no-tv", "no-mask", "no-entropy", "recon-100", "recon-200", "recon-300", "fast-tv-paper",
-                    "calib-8bit-tv-4e-3", "fast-8bit-tv-4e-3", "fast-soft-0.3", "maskaq-fast", "recon-600",
+                    "calib-8bit-tv-4e-3", "fast-8bit-tv-4e-3", "fast-8bit-iter-100", "fast-8bit-iter-50",
+                    "fast-soft-0.3", "maskaq-fast", "recon-600",
                     "recon-scales-only", "recon-no-drop", "recon-wlr-1e-3", "recon-100-cutmix-1",
                     "recon-100-cutmix-3", "recon-cutmix-3", "recon-600-cutmix-1", "fast-512", "recon-focus-0",
                     "recon-focus-0.5", "recon-focus-0.8", "fast-guarded-ft", "std-unguarded")
@@ -197,7 +201,7 @@ REUSED = {"batches": 0, "seconds": 0.0, "cpu_seconds": 0.0}  # what reused batch
 # config fields that only stages after synthesis read: batches made under configs differing only in these are equal
 AFTER_SYNTHESIS = {"preset", "log_every", "calib_batch_size", "epochs", "refresh_every", "kd_temperature",
                    "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high",
-                   "w_tv_8bit"}  # resolved into w_tv for the recipe before synthesis, which reads only w_tv
+                   "w_tv_8bit", "iterations_8bit"}  # resolved into w_tv / iterations for the recipe before synthesis
 
 # synthesis fields added after batches were cached: at their default they are left out of the key, so the batches
 # made before them stay valid

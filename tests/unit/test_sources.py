@@ -9,7 +9,9 @@ import timm
 import torch
 
 from maskaq_deploy.calib import RECIPES, attach_quantizers
-from maskaq_deploy.calib.dfq import METHODS, SOURCES, DFQConfig, Source, effective_config, register, run_calibration
+from maskaq_deploy.calib.dfq import (METHODS, SOURCES, DFQConfig, Source, effective_config, load_dfq_toml, register,
+                                     run_calibration)
+from maskaq_deploy.calib.dfq.errors import DFQConfigError
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 16, "depth": 2, "num_heads": 2,
         "mlp_ratio": 2.0}
@@ -66,6 +68,42 @@ def test_the_tv_weight_follows_the_recipes_bit_widths():
     assert cfg.for_bit_widths([8, 4, 8]).w_tv == 4e-3  # one 4-bit quantizer: the low-bit weight
     assert cfg.for_bit_widths([]).w_tv == 4e-3  # nothing quantized: unchanged
     assert DFQConfig.from_preset("fast").for_bit_widths([8]).w_tv == 2.5e-5
+
+
+def test_the_synthesis_steps_follow_the_recipes_bit_widths():
+    cfg = DFQConfig(iterations=100, iterations_8bit=40)
+    assert cfg.for_bit_widths([8, 8]).iterations == 40
+    assert cfg.for_bit_widths([8, 4]).iterations == 100
+    assert DFQConfig(iterations=100).for_bit_widths([8, 8]).iterations == 100  # 0: the same steps at 8 bits
+    with pytest.raises(DFQConfigError, match="iterations_8bit must be a non-negative integer"):
+        DFQConfig(iterations_8bit=-1)
+
+
+def test_a_value_set_over_a_preset_applies_at_8_bits_too(tmp_path):
+    fast = DFQConfig.from_preset("fast")
+    assert (fast.for_bit_widths([8]).iterations, fast.for_bit_widths([4, 8]).iterations) == (50, 100)
+    # a user's step count or TV weight replaces the preset's at every bit width ...
+    mine = DFQConfig.from_preset("fast", iterations=30, w_tv=1e-3)
+    assert (mine.for_bit_widths([8]).iterations, mine.for_bit_widths([8]).w_tv) == (30, 1e-3)
+    toml = tmp_path / "dfq.toml"
+    toml.write_text('[dfq]\npreset = "fast"\niterations = 30\n')
+    assert load_dfq_toml(toml).for_bit_widths([8]).iterations == 30
+    # ... unless the 8-bit value is set as well
+    both = DFQConfig.from_preset("fast", iterations=30, iterations_8bit=20, w_tv=1e-3, w_tv_8bit=2e-3)
+    assert (both.for_bit_widths([8]).iterations, both.for_bit_widths([8]).w_tv) == (20, 2e-3)
+
+
+@pytest.mark.parametrize("recipe,steps", [("w8a8", 3), ("w4a8", 5)])
+def test_the_driver_synthesizes_the_steps_of_the_recipe(tmp_path, recipe, steps):
+    fp = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    q = copy.deepcopy(fp)
+    attach_quantizers(q, RECIPES[recipe])
+    cfg = DFQConfig.from_preset("fast", num_images=4, batch_size=4, iterations=5, iterations_8bit=3,
+                                recon_iters=0, log_every=1)
+    summary = run_calibration(fp, q, method="maskaq", config=cfg, data_config=DATA, run_dir=tmp_path,
+                              synthesis_workers=1)
+    assert summary["config"]["iterations"] == steps
+    assert [p["iteration"] for p in summary["curves"]["synthesis"][0]["curve"]] == list(range(steps))
 
 
 @pytest.mark.parametrize("recipe,w_tv", [("w8a8", 2.5e-5), ("w4a8", 4e-3), ("w4a4", 4e-3)])

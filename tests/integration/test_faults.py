@@ -33,7 +33,7 @@ from tests.conftest import TINY_VIT
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY_VIT)]
-DFQ_SLOW = "[dfq]\nnum_images = 8\nbatch_size = 4\niterations = 30\nlog_every = 5\n"  # a second batch to kill
+DFQ_SLOW = "[dfq]\nnum_images = 16\nbatch_size = 4\niterations = 30\nlog_every = 5\n"  # batches left to kill
 
 
 @pytest.fixture(scope="module")

@@ -45,3 +45,12 @@ def test_wheel_holds_one_top_level_package(tmp_path):
                      "maskaq_deploy/export/qdq.py", "maskaq_deploy/export/templates/verify_engine.py",
                      "maskaq_deploy/runtimes/ort_backend.py", "maskaq_deploy/assets/embedded/model.safetensors"):
         assert expected in names, f"{expected} missing from the wheel"
+
+
+@pytest.mark.parametrize("name", ["calib", "export", "runtimes"])
+def test_source_tree_resolves_subpackages_without_an_import_hook(name):
+    # type checkers and IDEs read the tree, not the editable install's finder: maskaq_deploy/<name> must lead
+    # to the top-level folder itself
+    link = ROOT / "maskaq_deploy" / name
+    assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()
+    assert (link / "__init__.py").is_file()

@@ -65,7 +65,7 @@ def _peak(device) -> str:
 
 def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     from maskaq_deploy.calib.calibrate import calibrate_observers
-    from maskaq_deploy.calib.dfq.config import DFQConfig
+    from maskaq_deploy.calib.dfq.config import DFQConfig, FinetuneConfig, SynthesisConfig
     from maskaq_deploy.calib.dfq.finetune import finetune_epoch, make_optimizer
     from maskaq_deploy.calib.dfq.methods import autocast_dtype_for
     from maskaq_deploy.calib.dfq.models import token_layout
@@ -81,7 +81,8 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     labels = torch.randint(0, teacher.num_classes, (args.batch,))
 
     def synth(iters):
-        cfg = DFQConfig(iterations=iters, batch_size=args.batch, autocast=autocast, log_every=10**6)
+        cfg = DFQConfig(batch_size=args.batch, synthesis=SynthesisConfig(iterations=iters), autocast=autocast,
+                        log_every=10**6)
         setup = SynthesisSetup(teacher, q, token_layout(teacher), cfg, "maskaq", device, (c, h, w), mean, std,
                                autocast_dtype_for(cfg, device))
         synthesize_batch(setup, labels, seed=0)
@@ -96,7 +97,7 @@ def run_case(args, autocast: str, device: torch.device) -> list[dict]:
     rows.append({"step": "synthesis", "autocast": autocast, "s_per_step": dt, "img_it_s": args.batch / dt,
                  "cpu_s": (time.process_time() - t_cpu) / args.steps, "peak_gib": _peak(device)})
 
-    cfg = DFQConfig(epochs=1, ft_batch_size=args.batch, autocast=autocast, log_every=10**6)
+    cfg = DFQConfig(finetune=FinetuneConfig(epochs=1, batch_size=args.batch), autocast=autocast, log_every=10**6)
     layout = token_layout(teacher)
     opt = make_optimizer(q, cfg)
     imgs = torch.randn(args.batch * max(args.steps, args.warmup), c, h, w)

@@ -6,7 +6,9 @@ Gaussian noise, real images) through the same code.
                               data_config={"mean": ..., "std": ..., "input_size": (C, H, W)}, run_dir=RUN)
 """
 
-from maskaq_deploy.calib.dfq.config import METHODS, PRESETS, DFQConfig, load_dfq_toml, preset_values
+from maskaq_deploy.calib.dfq.config import (METHODS, PRESETS, CalibrationConfig, DFQConfig, FinetuneConfig,
+                                            MaskAQConfig, NoiseConfig, PSAQConfig, RealConfig, ReconstructionConfig,
+                                            SynthesisConfig, load_dfq_toml, preset_values)
 from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError, SynthesisError
 from maskaq_deploy.calib.dfq.images import save_image_grid
 from maskaq_deploy.calib.dfq.methods import effective_config, run_calibration
@@ -17,9 +19,17 @@ __all__ = [
     "PRESETS",
     "SOURCES",
     "Source",
+    "CalibrationConfig",
     "DFQConfig",
     "DFQConfigError",
+    "FinetuneConfig",
+    "MaskAQConfig",
+    "NoiseConfig",
+    "PSAQConfig",
+    "RealConfig",
+    "ReconstructionConfig",
     "ResumeError",
+    "SynthesisConfig",
     "SynthesisError",
     "effective_config",
     "load_dfq_toml",

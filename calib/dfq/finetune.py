@@ -39,17 +39,18 @@ def make_optimizer(student: nn.Module, cfg: DFQConfig) -> torch.optim.SGD:
     params = [p for p in student.parameters()]
     for p in params:
         p.requires_grad_(True)
-    return torch.optim.SGD(params, lr=cfg.ft_lr, momentum=cfg.ft_momentum, nesterov=cfg.ft_momentum > 0,
-                           weight_decay=cfg.ft_weight_decay)
+    ft = cfg.finetune
+    return torch.optim.SGD(params, lr=ft.lr, momentum=ft.momentum, nesterov=ft.momentum > 0,
+                           weight_decay=ft.weight_decay)
 
 
 def lr_at(cfg: DFQConfig, step: int, total: int) -> float:
-    lo = cfg.ft_lr * cfg.ft_lr_min_ratio
-    return lo + (cfg.ft_lr - lo) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    lo = cfg.finetune.lr * cfg.finetune.lr_min_ratio
+    return lo + (cfg.finetune.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def steps_per_epoch(num_images: int, cfg: DFQConfig) -> int:
-    return math.ceil(num_images / cfg.ft_batch_size)
+    return math.ceil(num_images / cfg.finetune.batch_size)
 
 
 def distill_terms(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
@@ -62,14 +63,14 @@ def distill_terms(teacher: nn.Module, student: nn.Module, x: torch.Tensor, y: to
     # so Q trains in float32 unless bf16 was asked for explicitly (autocast = "bf16").
     with autocast_ctx(dev, autocast_dtype if cfg.autocast == "bf16" else None):
         q_out = student(x)
-    terms = {"kd": L.kd_kl(q_out, p_out, cfg.kd_temperature)}
-    if cfg.attn_dist_weight:
+    terms = {"kd": L.kd_kl(q_out, p_out, cfg.finetune.kd_temperature)}
+    if cfg.finetune.attn_dist_weight:
         pairs = zip(group_by_shape(cap_p.outputs()), group_by_shape(cap_q.outputs()))
         total = len(cap_p.mods)
-        terms["attn"] = sum(L.masked_output_ssim(pt, qt, layout.num_prefix, cfg.attn_dist_top,
-                                                 cfg.attn_dist_high) * (n / total)
+        terms["attn"] = sum(L.masked_output_ssim(pt, qt, layout.num_prefix, cfg.finetune.attn_dist_top,
+                                                 cfg.finetune.attn_dist_high) * (n / total)
                             for (n, pt), (_, qt) in pairs)
-    if cfg.ce_weight and y is not None:
+    if cfg.finetune.ce_weight and y is not None:
         terms["ce"] = F.cross_entropy(q_out.float(), y)
     return terms
 
@@ -80,8 +81,8 @@ def holdout_kl(teacher: nn.Module, student: nn.Module, images: torch.Tensor, cfg
     """Mean KL(softmax(P) || softmax(Q)) at temperature 1 over ``images``, unaugmented: how far Q is from P on
     images the fine-tune does not train on (the judgement of a guarded fine-tune)."""
     student, total = _unwrap(student), 0.0
-    for i in range(0, images.shape[0], cfg.ft_batch_size):
-        x = images[i:i + cfg.ft_batch_size].to(device).float()
+    for i in range(0, images.shape[0], cfg.finetune.batch_size):
+        x = images[i:i + cfg.finetune.batch_size].to(device).float()
         with autocast_ctx(device, autocast_dtype):
             p_out = teacher(x)
         total += float(L.kd_kl(student(x), p_out, 1.0)) * x.shape[0]
@@ -104,21 +105,21 @@ def finetune_epoch(teacher: nn.Module, student: nn.Module, opt: torch.optim.Opti
     """
     n = images.shape[0]
     per_epoch = steps_per_epoch(n, cfg)
-    total = per_epoch * cfg.epochs
+    total = per_epoch * cfg.finetune.epochs
     world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
     gen, cpu_gen = generators(derive_seed(cfg.seed, "finetune", epoch), device)
     order = torch.randperm(n, generator=cpu_gen)
-    weights = {"kd": cfg.kd_weight, "attn": cfg.attn_dist_weight, "ce": cfg.ce_weight}
+    weights = {"kd": cfg.finetune.kd_weight, "attn": cfg.finetune.attn_dist_weight, "ce": cfg.finetune.ce_weight}
     sums: dict[str, torch.Tensor] = {}
     student.eval()
     teacher.eval()
     with Capture(teacher) as cap_p, Capture(_unwrap(student)) as cap_q:
         for i in range(per_epoch):
-            idx = order[i * cfg.ft_batch_size:(i + 1) * cfg.ft_batch_size]
+            idx = order[i * cfg.finetune.batch_size:(i + 1) * cfg.finetune.batch_size]
             x = images[idx].to(device, non_blocking=True).float()
             y = labels[idx].to(device) if labels is not None else None
             # augmented whole on every rank, so the random draws do not depend on the number of processes
-            x = resized_crop_flip(x, cfg.ft_crop_min, cfg.ft_flip, gen)
+            x = resized_crop_flip(x, cfg.finetune.crop_min, cfg.finetune.flip, gen)
             share = 1.0
             if world > 1:
                 x, y, share = local_slice(x, y, rank, world)

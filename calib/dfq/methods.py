@@ -155,13 +155,13 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     start_epoch = int(ft_info["epoch"]) if ft_info else 0
     if ft_info:  # the checkpoint holds the calibrated, reconstructed and partly fine-tuned Q
         ctx.record.curves["finetune"] = list(ft_info.get("curve", []))
-        cur_round = start_epoch // cfg.refresh_every if cfg.refresh_every else 0
+        cur_round = start_epoch // cfg.finetune.refresh_every if cfg.finetune.refresh_every else 0
         images, labels = source.images(ctx, cur_round)
     else:
         cur_round = 0
         images, labels = source.images(ctx, 0)
         _calibrate(ctx, images)
-        if cfg.recon_iters:
+        if cfg.reconstruction.iters:
             _reconstruct(ctx, images)
         opt = make_optimizer(q_model, cfg) if cfg.finetunes else None
 
@@ -198,7 +198,7 @@ def _calibrate(ctx: RunContext, images: torch.Tensor) -> None:
     info = state.load_model("calibrated", q_model) if state.resumed else None
     if info is None:
         ctx.emit({"stage": "calibration", "step": 0, "total": 1, "losses": {}})
-        calibrate_observers(q_model, lambda m: [m(b) for b in batches(images, ctx.cfg.calib_batch_size,
+        calibrate_observers(q_model, lambda m: [m(b) for b in batches(images, ctx.cfg.calibration.batch_size,
                                                                       ctx.device)])
         # every rank calibrated on the same set; rank 0's result makes them bit-identical on any hardware
         ctx.dist.broadcast_module(q_model, what="the calibrated model")
@@ -249,7 +249,7 @@ class _Judge:
                 raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without --resume")
             self.images = saved["images"]
         else:
-            self.images = first_set[-round(first_set.shape[0] * self.ctx.cfg.ft_holdout):].float()
+            self.images = first_set[-round(first_set.shape[0] * self.ctx.cfg.finetune.holdout):].float()
             self.ctx.state.save_tensors("holdout", {"images": self.images})
 
     def training_part(self, images, labels):
@@ -270,7 +270,7 @@ class _Judge:
         return min(range(len(self.history)), key=self.history.__getitem__)
 
     def stalled(self) -> bool:
-        patience = self.ctx.cfg.ft_patience
+        patience = self.ctx.cfg.finetune.patience
         return bool(patience) and len(self.history) - 1 - self.best_epoch >= patience
 
     def keep_best(self) -> int:
@@ -287,7 +287,7 @@ def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cu
     With ``ft_holdout`` the fine-tune is guarded (``_Judge``): it ends with the best epoch's Q, and stops after
     ``ft_patience`` epochs without improvement."""
     cfg, dist, rec = ctx.cfg, ctx.dist, ctx.record
-    judge = _Judge(ctx, (ft_info or {}).get("holdout_kl", [])) if cfg.ft_holdout else None
+    judge = _Judge(ctx, (ft_info or {}).get("holdout_kl", [])) if cfg.finetune.holdout else None
     if judge is not None:
         judge.hold_out(images, resumed=bool(ft_info))
         if cur_round == 0:
@@ -297,11 +297,12 @@ def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cu
     # Data-parallel Q for the fine-tune steps; synthesis (refresh) keeps using the plain module, whose
     # parameters the wrapper shares.
     train_q = dist.wrap_ddp(ctx.q_model, images[:1].to(ctx.device).float())
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.finetune.epochs):
         if judge is not None and judge.stalled():
-            log.info("fine-tune stopped after epoch %d: no better held-out KL for %d epochs", epoch, cfg.ft_patience)
+            log.info("fine-tune stopped after epoch %d: no better held-out KL for %d epochs", epoch,
+                     cfg.finetune.patience)
             break
-        rnd = epoch // cfg.refresh_every if cfg.refresh_every else 0
+        rnd = epoch // cfg.finetune.refresh_every if cfg.finetune.refresh_every else 0
         if rnd != cur_round:
             images, labels = source.images(ctx, rnd)
             cur_round = rnd
@@ -318,7 +319,7 @@ def _finetune(ctx: RunContext, source, opt, images, labels, start_epoch: int, cu
         ctx.state.save_model("finetune", ctx.q_model, opt, {"epoch": epoch + 1, "curve": rec.curves["finetune"],
                                                             **({"holdout_kl": judge.history} if judge else {})})
         rec.seconds["finetune"] += time.perf_counter() - t0
-        log.info("fine-tune epoch %d/%d: %s", epoch + 1, cfg.epochs,
+        log.info("fine-tune epoch %d/%d: %s", epoch + 1, cfg.finetune.epochs,
                  ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     if rec.curves["finetune"]:
         rec.final["finetune"] = {k: v for k, v in rec.curves["finetune"][-1].items() if k != "epoch"}

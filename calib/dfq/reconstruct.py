@@ -111,12 +111,12 @@ def unit_optimizer(unit: nn.Module, cfg: DFQConfig) -> torch.optim.Adam:
     groups, weights = [], []
     for name, p in unit.named_parameters():
         if QUANTIZER_KEY in name:
-            lr = min(cfg.recon_lr, SCALE_STEP_CAP * float(p.detach().abs().mean()))
+            lr = min(cfg.reconstruction.lr, SCALE_STEP_CAP * float(p.detach().abs().mean()))
             groups.append({"params": [p], "lr": lr, "base_lr": lr, "floor": p.detach().abs() * SCALE_FLOOR})
         else:
             weights.append(p)
-    if cfg.recon_weight_lr > 0 and weights:
-        groups.append({"params": weights, "lr": cfg.recon_weight_lr, "base_lr": cfg.recon_weight_lr})
+    if cfg.reconstruction.weight_lr > 0 and weights:
+        groups.append({"params": weights, "lr": cfg.reconstruction.weight_lr, "base_lr": cfg.reconstruction.weight_lr})
     else:
         for p in weights:
             p.requires_grad_(False)
@@ -178,14 +178,14 @@ def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, ta
     for p in q_unit.parameters():
         p.requires_grad_(True)
     opt = unit_optimizer(q_unit, cfg)
-    before = unit_error(q_unit, x_q, target, cfg.recon_batch_size, device)
+    before = unit_error(q_unit, x_q, target, cfg.reconstruction.batch_size, device)
     n = x_q.shape[0]
     loss = torch.zeros(())
     try:
-        for step in range(cfg.recon_iters):
-            idx = torch.randint(0, n, (min(cfg.recon_batch_size, n),), generator=gen)
-            inp = mixed_input(x_p[idx], x_q[idx], cfg.recon_drop, gen).to(device)
-            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.recon_iters))
+        for step in range(cfg.reconstruction.iters):
+            idx = torch.randint(0, n, (min(cfg.reconstruction.batch_size, n),), generator=gen)
+            inp = mixed_input(x_p[idx], x_q[idx], cfg.reconstruction.drop, gen).to(device)
+            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.reconstruction.iters))
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * decay
             if weights is None:
@@ -203,7 +203,7 @@ def reconstruct_unit(q_unit: nn.Module, x_p: torch.Tensor, x_q: torch.Tensor, ta
     finally:
         for p, r in saved.items():
             p.requires_grad_(r)
-    after = unit_error(q_unit, x_q, target, cfg.recon_batch_size, device)
+    after = unit_error(q_unit, x_q, target, cfg.reconstruction.batch_size, device)
     return {"mse_before": before, "mse_after": after, "last_loss": float(loss.detach())}
 
 
@@ -245,19 +245,19 @@ def reconstruct(teacher: nn.Module, q_model: nn.Module, images: torch.Tensor, cf
     """Reconstruct Q's units ``start_unit ...`` in order on ``images``; ``after_unit(i, info)`` runs after each
     (the driver saves Q there). Returns the per-unit infos of the units done here."""
     units = reconstruction_units(q_model)
-    images = with_cutmix(images, cfg.recon_cutmix, derive_seed(cfg.seed, "recon-cutmix"))
+    images = with_cutmix(images, cfg.reconstruction.cutmix, derive_seed(cfg.seed, "recon-cutmix"))
     was_training = q_model.training
     q_model.eval()
     infos = []
     importance = None
-    if cfg.recon_focus > 0:
-        importance = readout_importance(teacher, images, cfg.calib_batch_size, device)
+    if cfg.reconstruction.focus > 0:
+        importance = readout_importance(teacher, images, cfg.calibration.batch_size, device)
     try:
         for i in range(start_unit, len(units)):
             name = units[i]
-            x_p, target = unit_io(teacher, name, images, cfg.calib_batch_size, device)
-            x_q, _ = unit_io(q_model, name, images, cfg.calib_batch_size, device, want_output=False)
-            weights = None if importance is None else token_weights(importance[:, i], cfg.recon_focus)
+            x_p, target = unit_io(teacher, name, images, cfg.calibration.batch_size, device)
+            x_q, _ = unit_io(q_model, name, images, cfg.calibration.batch_size, device, want_output=False)
+            weights = None if importance is None else token_weights(importance[:, i], cfg.reconstruction.focus)
             info = {"unit": name, **reconstruct_unit(q_model.get_submodule(name), x_p, x_q, target, cfg,
                                                      derive_seed(cfg.seed, "recon", i), device, weights)}
             infos.append(info)

@@ -8,7 +8,7 @@ with ``b % world == r``); after each wave every batch is broadcast from the rank
 holds the whole set in batch order, and rank 0 saves the wave. In one process on a multi-core CPU the missing
 batches go to local one-thread worker processes instead (calib.dfq.workers), saved as each one arrives.
 
-Choice for Q's LSQ step sizes before MaskAQ first runs Q (``q_init = "noise"``): Q's observers are calibrated on
+Choice for Q's LSQ step sizes before MaskAQ first runs Q: Q's observers are calibrated on
 ``q_init_images`` N(0, 1) images, as the reference effectively does (its LSQ initializes on the first,
 pure-noise synthesis iteration). The final calibration on the finished synthetic set then re-derives every
 range, so the noise initialization only steers the mask-alignment term of the first round.
@@ -55,7 +55,7 @@ class SynthesisRounds:
     def labels(self, rnd: int) -> torch.Tensor:
         cfg = self.ctx.cfg
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "labels", rnd))
-        if cfg.balanced_labels:
+        if cfg.synthesis.balanced_labels:
             base = torch.arange(cfg.num_images) % self.ctx.num_classes
             return base[torch.randperm(cfg.num_images, generator=g)]
         return torch.randint(0, self.ctx.num_classes, (cfg.num_images,), generator=g)
@@ -63,8 +63,8 @@ class SynthesisRounds:
     def _init_q_on_noise(self) -> None:
         ctx = self.ctx
         g = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "q_init"))
-        noise = torch.randn((ctx.cfg.q_init_images, *ctx.input_size), generator=g)
-        calibrate_observers(ctx.q_model, lambda m: [m(b) for b in batches(noise, ctx.cfg.calib_batch_size,
+        noise = torch.randn((ctx.cfg.maskaq.q_init_images, *ctx.input_size), generator=g)
+        calibrate_observers(ctx.q_model, lambda m: [m(b) for b in batches(noise, ctx.cfg.calibration.batch_size,
                                                                            ctx.device)])
         self.q_ready = True
 
@@ -104,7 +104,7 @@ class SynthesisRounds:
         # Waves of ``world`` batches, dealt round-robin; one process makes one batch per wave.
         for start in range(0, len(missing), dist.world_size):
             wave = missing[start:start + dist.world_size]
-            base = len(done) * cfg.iterations
+            base = len(done) * cfg.synthesis.iterations
             mine = wave[dist.rank] if dist.rank < len(wave) else None
             made = None
             if mine is not None:
@@ -125,13 +125,14 @@ class SynthesisRounds:
                 ctx.state.save_batch(rnd, b, imgs, labels_of(b), info)
                 done[b] = (imgs, info)
                 if j == len(wave) - 1:  # one event per wave keeps the bar monotonic
-                    ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": len(done) * cfg.iterations,
-                              "total": total, "losses": info.get("final", {})})
+                    ctx.emit({"stage": "synthesis", "round": rnd, "batch": b,
+                              "step": len(done) * cfg.synthesis.iterations, "total": total,
+                              "losses": info.get("final", {})})
 
     def _make_in_workers(self, rnd, missing, labels_of, done, total) -> None:
         """In local one-thread worker processes (calib.dfq.workers); each batch is saved as it arrives."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        base, steps = len(done) * cfg.iterations, {}
+        base, steps = len(done) * cfg.synthesis.iterations, {}
 
         def on_log(b, step, losses):
             steps[b] = step + 1
@@ -144,7 +145,7 @@ class SynthesisRounds:
                             b, rnd, info["attempts"])
             ctx.state.save_batch(rnd, b, imgs, labels_of(b), info)
             done[b] = (imgs, info)
-            steps[b] = cfg.iterations
+            steps[b] = cfg.synthesis.iterations
             ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": base + sum(steps.values()),
                       "total": total, "losses": info.get("final", {})})
 
@@ -171,17 +172,17 @@ class SynthesisRounds:
         ctx, cfg, dist = self.ctx, self.ctx.cfg, self.ctx.dist
         t0 = time.perf_counter()
         labels_all = self.labels(rnd)
-        total = self.num_batches * cfg.iterations
+        total = self.num_batches * cfg.synthesis.iterations
 
         def labels_of(b: int) -> torch.Tensor:
             return labels_all[b * cfg.batch_size:(b + 1) * cfg.batch_size]
 
         done = self._saved(rnd, labels_of)
         for i, b in enumerate(sorted(done)):
-            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (i + 1) * cfg.iterations,
+            ctx.emit({"stage": "synthesis", "round": rnd, "batch": b, "step": (i + 1) * cfg.synthesis.iterations,
                       "total": total, "losses": done[b][1].get("final", {})})
         missing = [b for b in range(self.num_batches) if b not in done]
-        if missing and rnd == 0 and not self.q_ready and self.setup.student is not None and cfg.w_mask > 0:
+        if missing and rnd == 0 and not self.q_ready and self.setup.student is not None and cfg.maskaq.w_mask > 0:
             self._init_q_on_noise()  # on every rank: the same deterministic Q for the whole round
         if ctx.synthesis_workers > 1 and missing:
             self._make_in_workers(rnd, missing, labels_of, done, total)

@@ -20,6 +20,8 @@ A new source is a subclass registered with ``@register``; the driver needs no ch
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from maskaq_deploy.calib.dfq.config import DFQConfig
@@ -32,21 +34,22 @@ from maskaq_deploy.calib.dfq.state import derive_seed
 
 class Source:
     name = ""
-    reconstructs = False  # a bool, or the name of the DFQConfig flag that turns reconstruction on
+    reconstructs = False  # a bool, or the DFQConfig flag that turns reconstruction on ("real.reconstruct")
     finetunes = False
     refreshes = False
     needs_real_images = False
 
     def effective_config(self, cfg: DFQConfig) -> DFQConfig:
         """The config this source actually runs: the stages it does not have are switched off."""
-        changes = {}
+        finetune = {}
         if not self.finetunes:
-            changes.update(epochs=0)
+            finetune.update(epochs=0)
         if not self.refreshes:
-            changes.update(refresh_every=0)
-        reconstructs = self.reconstructs if isinstance(self.reconstructs, bool) else getattr(cfg, self.reconstructs)
+            finetune.update(refresh_every=0)
+        changes = {"finetune": cfg.finetune.replace(**finetune)} if finetune else {}
+        reconstructs = self.reconstructs if isinstance(self.reconstructs, bool) else attrgetter(self.reconstructs)(cfg)
         if not reconstructs:
-            changes.update(recon_iters=0)
+            changes.update(reconstruction=cfg.reconstruction.replace(iters=0))
         return cfg.replace(**changes) if changes else cfg
 
     def start(self, ctx: RunContext) -> None:
@@ -94,7 +97,7 @@ class NoiseSource(Source):
 @register
 class RealSource(Source):
     name = "real"
-    reconstructs = "recon_real"  # the reference stays calibration-only (+ fine-tune) unless recon_real is set
+    reconstructs = "real.reconstruct"  # the reference stays calibration-only (+ fine-tune) unless recon_real is set
     finetunes = True
     needs_real_images = True
 

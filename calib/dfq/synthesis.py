@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -98,34 +99,34 @@ def maskaq_losses(setup: SynthesisSetup, x: torch.Tensor, x_aug: torch.Tensor, y
             setup.student(x_aug)
     use_mask = cap_q is not None
     need_cls = use_mask and lay.has_cls
-    need_mean = cfg.w_entropy > 0 or (use_mask and not lay.has_cls)
-    p_stats = [L.attention_stats(t, lay.num_prefix, pairs=cfg.w_interhead > 0, headmean=need_mean, cls=need_cls)
+    need_mean = cfg.synthesis.w_entropy > 0 or (use_mask and not lay.has_cls)
+    p_stats = [L.attention_stats(t, lay.num_prefix, pairs=cfg.maskaq.w_interhead > 0, headmean=need_mean, cls=need_cls)
                for t in cap_p.logits()]
     terms: dict[str, torch.Tensor] = {}
-    if cfg.w_ce:
+    if cfg.synthesis.w_ce:
         terms["ce"] = F.cross_entropy(out.float(), y)
-    if cfg.w_interhead:
+    if cfg.maskaq.w_interhead:
         groups = zip(*(group_by_shape([getattr(st, k) for st in p_stats]) for k in ("mu", "lo", "hi", "gram")))
         total = len(p_stats)
         terms["interhead"] = sum(L.interhead_ssim_from_stats(mu, lo, hi, gram) * (n / total)
                                  for (n, mu), (_, lo), (_, hi), (_, gram) in groups)
-    if cfg.w_entropy:
+    if cfg.synthesis.w_entropy:
         terms["entropy"] = _layer_mean(group_by_shape([st.headmean for st in p_stats]),
-                                       lambda t: L.similarity_entropy_headmean(t, cfg.entropy_rows, gen))
-    if cfg.w_tv:
+                                       lambda t: L.similarity_entropy_headmean(t, cfg.maskaq.entropy_rows, gen))
+    if cfg.synthesis.w_tv:
         terms["tv"] = L.total_variation(x)
     if use_mask:
-        ratio = L.mask_ratio(step, cfg.iterations, cfg.mask_ratio_start, cfg.mask_ratio_end)
+        ratio = L.mask_ratio(step, cfg.synthesis.iterations, cfg.maskaq.mask_ratio_start, cfg.maskaq.mask_ratio_end)
         q_stats = [L.attention_stats(t, lay.num_prefix, headmean=not lay.has_cls, cls=lay.has_cls)
                    for t in cap_q.logits()]
         sp, sq = _scores(p_stats, lay, b), _scores(q_stats, lay, b)
         if lay.windowed:  # per-layer masks (stages differ in token count)
             terms["mask"] = sum(L.masked_l1(a.unsqueeze(0), q.unsqueeze(0),
-                                            L.informative_mask(a.detach(), ratio, cfg.mask_drop, gen))
+                                            L.informative_mask(a.detach(), ratio, cfg.maskaq.mask_drop, gen))
                                 for a, q in zip(sp, sq)) / len(sp)
         else:
             sp_t, sq_t = torch.stack(sp), torch.stack(sq)  # [L, B, P]
-            mask = L.informative_mask(sp_t.detach().mean(0), ratio, cfg.mask_drop, gen)
+            mask = L.informative_mask(sp_t.detach().mean(0), ratio, cfg.maskaq.mask_drop, gen)
             terms["mask"] = L.masked_l1(sp_t, sq_t, mask)
     return terms
 
@@ -136,25 +137,26 @@ def psaq_losses(setup: SynthesisSetup, x: torch.Tensor, x_aug: torch.Tensor, y: 
     with autocast_ctx(setup.device, setup.autocast_dtype):
         out = setup.teacher(x_aug)
     terms: dict[str, torch.Tensor] = {}
-    if cfg.w_ce:
+    if cfg.synthesis.w_ce:
         terms["ce"] = F.cross_entropy(out.float(), y)
-    if cfg.w_entropy:
-        terms["entropy"] = sum(L.kde_similarity_entropy(t, lay.num_prefix, cfg.psaq_kde_bandwidth,
-                                                        cfg.psaq_kde_points)
+    if cfg.synthesis.w_entropy:
+        terms["entropy"] = sum(L.kde_similarity_entropy(t, lay.num_prefix, cfg.psaq.kde_bandwidth,
+                                                        cfg.psaq.kde_points)
                                for _, t in group_by_shape(cap_p.outputs()))
-    if cfg.w_tv:
+    if cfg.synthesis.w_tv:
         terms["tv"] = L.total_variation(x)
     return terms
 
 
-WEIGHTS = {"ce": "w_ce", "interhead": "w_interhead", "tv": "w_tv", "mask": "w_mask", "entropy": "w_entropy"}
+WEIGHTS = {"ce": "synthesis.w_ce", "interhead": "maskaq.w_interhead", "tv": "synthesis.w_tv", "mask": "maskaq.w_mask",
+           "entropy": "synthesis.w_entropy"}
 
 
 def total_loss(cfg: DFQConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted sum; the entropy is maximized, so it enters with a minus sign."""
     tot = 0.0
     for name, value in terms.items():
-        w = getattr(cfg, WEIGHTS[name])
+        w = attrgetter(WEIGHTS[name])(cfg)
         tot = tot + (-w if name == "entropy" else w) * value
     return tot
 
@@ -166,30 +168,30 @@ def synthesize_batch(setup: SynthesisSetup, labels: torch.Tensor, seed: int,
 
     Deterministic for a given ``seed`` (every random draw comes from generators seeded from it).
     """
-    cfg = setup.cfg
+    cfg, syn = setup.cfg, setup.cfg.synthesis
     gen, cpu_gen = generators(seed, setup.device)
     c, h, w = (int(v) for v in setup.input_size)
     y = labels.to(setup.device)
-    if cfg.soft_label_mix > 0:  # its own stream: the hard-label run's draws stay the same
-        y = L.soft_targets(labels, _num_classes(setup.teacher), cfg.soft_label_mix,
+    if syn.soft_label_mix > 0:  # its own stream: the hard-label run's draws stay the same
+        y = L.soft_targets(labels, _num_classes(setup.teacher), syn.soft_label_mix,
                            torch.Generator().manual_seed(derive_seed(seed, "soft labels"))).to(setup.device)
     img = torch.randn((len(labels), c, h, w), generator=gen, device=gen.device).to(setup.device)
     img.requires_grad_(True)
-    opt = torch.optim.AdamW([img], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([img], lr=syn.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=syn.weight_decay)
     lo, hi = setup.lo, setup.hi
-    use_q = setup.method == "maskaq" and setup.student is not None and cfg.w_mask > 0
+    use_q = setup.method == "maskaq" and setup.student is not None and cfg.maskaq.w_mask > 0
     curve: list[dict] = []
     last: dict[str, float] = {}
     cap_p = Capture(setup.teacher)
     cap_q = Capture(setup.student) if use_q else None
     student_ctx = frozen(setup.student) if use_q else _null()
     with cap_p, student_ctx, (cap_q if cap_q is not None else _null()):
-        for step in range(cfg.iterations):
-            lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.iterations))
+        for step in range(syn.iterations):
+            lr = syn.lr_min + (syn.lr - syn.lr_min) * 0.5 * (1 + math.cos(math.pi * step / syn.iterations))
             for g in opt.param_groups:
                 g["lr"] = lr
-            x_aug = synthesis_augment(img, step, cfg.iterations, jitter=cfg.jitter, noise_std=cfg.noise_std,
-                                      affine_mean=cfg.affine_mean, affine_std=cfg.affine_std, gen=gen,
+            x_aug = synthesis_augment(img, step, syn.iterations, jitter=syn.jitter, noise_std=syn.noise_std,
+                                      affine_mean=syn.affine_mean, affine_std=syn.affine_std, gen=gen,
                                       cpu_gen=cpu_gen)
             if setup.method == "psaq":
                 terms = psaq_losses(setup, img, x_aug, y, cap_p)
@@ -204,7 +206,7 @@ def synthesize_batch(setup: SynthesisSetup, labels: torch.Tensor, seed: int,
                 cap_q.clear()
             with torch.no_grad():
                 img.copy_(torch.maximum(torch.minimum(img, hi), lo))
-            if step % cfg.log_every == 0 or step == cfg.iterations - 1:
+            if step % cfg.log_every == 0 or step == syn.iterations - 1:
                 last = {k: float(v.detach()) for k, v in terms.items()}
                 last["total"] = float(loss.detach())
                 curve.append({"iteration": step, **last})

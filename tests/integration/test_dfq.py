@@ -104,7 +104,7 @@ def assert_same_state(a: dict, b: dict):
 
 def run(q_fp, run_dir, method="maskaq", resume=False, synthesis_workers=None, **cfg):
     fp, q = q_fp
-    config = DFQConfig(**{**SMALL, **cfg})
+    config = DFQConfig.from_dict({**SMALL, **cfg})
     return run_calibration(fp, q, method=method, config=config, data_config=DATA, run_dir=run_dir,
                            resume=resume, real_images=torch.randn(40, 1, 16, 16), real_labels=torch.arange(40) % 10,
                            synthesis_workers=synthesis_workers)
@@ -174,7 +174,7 @@ def test_teacher_is_frozen_and_never_receives_gradients():
     from maskaq_deploy.calib.calibrate import calibrate_observers
 
     calibrate_observers(q, lambda m: m(torch.randn(8, 1, 16, 16)))
-    cfg = DFQConfig(iterations=3, batch_size=4, epochs=1, ft_batch_size=4)
+    cfg = DFQConfig.from_dict({"iterations": 3, "batch_size": 4, "epochs": 1, "ft_batch_size": 4})
     setup = SynthesisSetup(teacher, q, token_layout(teacher), cfg, "maskaq", torch.device("cpu"), (1, 16, 16),
                            torch.full((1, 1, 1, 1), 0.13), torch.full((1, 1, 1, 1), 0.31), None)
     q_params_before = q_state(q)
@@ -204,7 +204,7 @@ def test_soft_labels_move_the_images_toward_each_images_second_class(trained_sta
     other = other.argmax(1)
     p_other = {}
     for mix in (0.0, 0.5):
-        cfg = DFQConfig(iterations=40, batch_size=20, soft_label_mix=mix, w_mask=0.0)
+        cfg = DFQConfig.from_dict({"iterations": 40, "batch_size": 20, "soft_label_mix": mix, "w_mask": 0.0})
         setup = SynthesisSetup(teacher, None, token_layout(teacher), cfg, "maskaq", torch.device("cpu"),
                                (1, 16, 16), torch.full((1, 1, 1, 1), 0.13), torch.full((1, 1, 1, 1), 0.31), None)
         imgs, _, _ = synthesize_batch(setup, labels, seed=0)
@@ -258,7 +258,7 @@ def test_guarded_finetune_keeps_the_epoch_with_the_lowest_held_out_kl(tmp_path):
     held = load_file(str(tmp_path / "dfq" / "holdout.safetensors"))["images"]
     assert held.shape[0] == 6  # 25% of 24
     # the Q the run returns is the kept one: its held-out KL is the kept value
-    assert holdout_kl(make_teacher(fp, q), q, held, DFQConfig(**SMALL), torch.device("cpu"), None) == \
+    assert holdout_kl(make_teacher(fp, q), q, held, DFQConfig.from_dict(SMALL), torch.device("cpu"), None) == \
         pytest.approx(kept_kl, rel=1e-5)
 
 
@@ -278,7 +278,7 @@ CHILD = textwrap.dedent("""
     fp, q = tiny_models()
     from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
     from test_dfq import SMALL, DATA
-    run_calibration(fp, q, method="maskaq", config=DFQConfig(**SMALL), data_config=DATA, run_dir={run_dir!r},
+    run_calibration(fp, q, method="maskaq", config=DFQConfig.from_dict(SMALL), data_config=DATA, run_dir={run_dir!r},
                     progress=slow, synthesis_workers={workers})
 """)
 
@@ -460,7 +460,7 @@ def test_other_token_layouts_run(tmp_path, arch):
     lay = token_layout(fp)
     assert (lay.num_prefix, lay.has_cls, lay.windowed) == {
         "swin": (0, False, True), "deit_distilled": (2, True, False), "avgpool": (0, False, False)}[arch]
-    s = run_calibration(fp, q, method="maskaq", config=DFQConfig(**{**SMALL, "epochs": 1, "refresh_every": 0}),
+    s = run_calibration(fp, q, method="maskaq", config=DFQConfig.from_dict({**SMALL, "epochs": 1, "refresh_every": 0}),
                         data_config=DATA, run_dir=tmp_path)
     losses = s["final_losses"]["synthesis"]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -501,7 +501,7 @@ FAULTS = {
 
 def _assert_preset(run: Path, preset: str, epochs: int) -> None:
     dfq = json.loads((run / "manifest.json").read_text())["dfq_config"]
-    assert (dfq["preset"], dfq["epochs"]) == (preset, epochs)
+    assert (dfq["preset"], dfq["finetune"]["epochs"]) == (preset, epochs)
 
 
 def _strict_json(folder: Path) -> None:

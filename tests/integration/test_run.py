@@ -59,7 +59,7 @@ def test_bundle_only_build_reads_the_checkpoint_once_and_writes_the_report_once(
     assert (out / "bundle" / "manifest.json").is_file() and (out / "report.html").is_file()
     # the manifest records the config that ran: at w8a8 the short preset's TV weight is w_tv_8bit's
     dfq = json.loads((out / "manifest.json").read_text())["dfq_config"]
-    assert dfq["w_tv"] == dfq["w_tv_8bit"] == 2.5e-5 and dfq["recon_iters"] == 0
+    assert dfq["synthesis"]["w_tv"] == dfq["synthesis"]["w_tv_8bit"] == 2.5e-5 and dfq["reconstruction"]["iters"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from torch import nn
 from maskaq_deploy.calib import RECIPES, attach_quantizers
 from maskaq_deploy.calib.calibrate import calibrate_observers
 from maskaq_deploy.calib.dfq import DFQConfig
+from maskaq_deploy.calib.dfq.config import CalibrationConfig, ReconstructionConfig
 from maskaq_deploy.calib.dfq.models import make_teacher
 from maskaq_deploy.calib.dfq.reconstruct import (mixed_input, readout_importance, reconstruct, reconstruct_unit,
                                                   reconstruction_units, rollout, token_weights, unit_error, unit_io,
@@ -64,7 +65,7 @@ def test_reconstruct_unit_recovers_a_known_linear_map():
     with torch.no_grad():
         unit.weight.copy_(torch.eye(4))
     x = torch.randn(256, 4)
-    cfg = DFQConfig(recon_iters=300, recon_batch_size=64, recon_weight_lr=0.05, recon_drop=0.0)
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=300, batch_size=64, weight_lr=0.05, drop=0.0))
     info = reconstruct_unit(unit, x, x, 2 * x, cfg, seed=0, device="cpu")
     assert info["mse_before"] == pytest.approx(float((x ** 2).mean()), rel=1e-5)
     assert torch.allclose(unit.weight.detach(), 2 * torch.eye(4), atol=0.02)
@@ -89,7 +90,7 @@ def test_focused_loss_with_weights_one_is_the_plain_mse():
     x = torch.randn(64, 5, 4)
     units = [nn.Linear(4, 4, bias=False) for _ in range(2)]
     units[1].load_state_dict(units[0].state_dict())
-    cfg = DFQConfig(recon_iters=20, recon_batch_size=16, recon_weight_lr=0.01, recon_drop=0.0)
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=20, batch_size=16, weight_lr=0.01, drop=0.0))
     a = reconstruct_unit(units[0], x, x, 2 * x, cfg, seed=0, device="cpu")
     b = reconstruct_unit(units[1], x, x, 2 * x, cfg, seed=0, device="cpu", weights=torch.ones(64, 5))
     assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-5)
@@ -102,8 +103,8 @@ def test_focused_loss_with_weights_one_is_the_plain_mse():
     target[:, 0] *= 2
     weights = torch.zeros(64, 5)
     weights[:, 0] = 5.0
-    reconstruct_unit(unit, x, x, target, DFQConfig(recon_iters=200, recon_batch_size=64, recon_weight_lr=0.05,
-                                                    recon_drop=0.0), seed=0, device="cpu", weights=weights)
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=200, batch_size=64, weight_lr=0.05, drop=0.0))
+    reconstruct_unit(unit, x, x, target, cfg, seed=0, device="cpu", weights=weights)
     assert torch.allclose(unit.weight.detach(), 2 * torch.eye(4), atol=0.05)  # fits token 0, ignores the rest
 
 
@@ -140,7 +141,8 @@ def _calibrated_pair(recipe: str, num_images: int):
 def test_reconstruction_lowers_the_block_error_it_optimizes_on_a_tiny_vit():
     fp, q, images = _calibrated_pair("w4a4", 64)
     teacher = make_teacher(fp, q)
-    cfg = DFQConfig(recon_iters=40, recon_batch_size=16, calib_batch_size=32, recon_weight_lr=1e-4)
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=40, batch_size=16, weight_lr=1e-4),
+                    calibration=CalibrationConfig(batch_size=32))
     before = {}
     for name in reconstruction_units(q):
         x_q, _ = unit_io(q, name, images, 32, "cpu", want_output=False)
@@ -162,9 +164,10 @@ def test_focused_reconstruction_lowers_the_error_of_the_class_token_most():
     fp, q, images = _calibrated_pair("w4a4", 64)
     teacher = make_teacher(fp, q)
     q_plain = copy.deepcopy(q)
-    cfg = DFQConfig(recon_iters=40, recon_batch_size=16, calib_batch_size=32)
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=40, batch_size=16),
+                    calibration=CalibrationConfig(batch_size=32))
     reconstruct(teacher, q_plain, images, cfg, "cpu")
-    reconstruct(teacher, q, images, DFQConfig(**{**cfg.to_dict(), "recon_focus": 0.9}), "cpu")
+    reconstruct(teacher, q, images, cfg.replace(reconstruction=cfg.reconstruction.replace(focus=0.9)), "cpu")
     with torch.no_grad():  # what the head reads: the last block's class token
         ref = fp.forward_features(images)[:, 0]
         err = [(m.forward_features(images)[:, 0] - ref).pow(2).mean().item() for m in (q_plain, q)]
@@ -174,6 +177,7 @@ def test_focused_reconstruction_lowers_the_error_of_the_class_token_most():
 def test_reconstruction_keeps_8_bit_weight_scales_positive():
     # 8-bit weight scales are ~1e-3: an uncapped step of recon_lr would push some below zero
     fp, q, images = _calibrated_pair("w8a8", 32)
-    reconstruct(make_teacher(fp, q), q, images, DFQConfig(recon_iters=30, recon_batch_size=16, recon_lr=1e-2), "cpu")
+    cfg = DFQConfig(reconstruction=ReconstructionConfig(iters=30, batch_size=16, lr=1e-2))
+    reconstruct(make_teacher(fp, q), q, images, cfg, "cpu")
     scales = [p for n, p in q.named_parameters() if n.endswith("_quantizer.scale")]
     assert scales and all(bool((s > 0).all()) for s in scales)

@@ -11,12 +11,13 @@ import torch
 from maskaq_deploy.calib import RECIPES, attach_quantizers
 from maskaq_deploy.calib.dfq import (METHODS, SOURCES, DFQConfig, Source, effective_config, load_dfq_toml, register,
                                      run_calibration)
+from maskaq_deploy.calib.dfq.config import FinetuneConfig, RealConfig, ReconstructionConfig, SynthesisConfig
 from maskaq_deploy.calib.dfq.errors import DFQConfigError
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 16, "depth": 2, "num_heads": 2,
         "mlp_ratio": 2.0}
 DATA = {"mean": (0.1307,), "std": (0.3081,), "input_size": (1, 16, 16)}
-ALL_STAGES = DFQConfig(epochs=2, refresh_every=1, recon_iters=5)
+ALL_STAGES = DFQConfig(finetune=FinetuneConfig(epochs=2, refresh_every=1), reconstruction=ReconstructionConfig(iters=5))
 
 
 def test_the_four_built_in_methods_are_registered():
@@ -27,12 +28,12 @@ def test_the_four_built_in_methods_are_registered():
                                            ("noise", (0, 0, 0))])
 def test_each_source_switches_off_the_stages_it_does_not_have(method, stages):
     cfg = effective_config(method, ALL_STAGES)
-    assert (cfg.epochs, cfg.refresh_every, cfg.recon_iters) == stages
+    assert (cfg.finetune.epochs, cfg.finetune.refresh_every, cfg.reconstruction.iters) == stages
 
 
 def test_real_reconstructs_only_when_asked():
-    assert effective_config("real", ALL_STAGES).recon_iters == 0
-    assert effective_config("real", ALL_STAGES.replace(recon_real=True)).recon_iters == 5
+    assert effective_config("real", ALL_STAGES).reconstruction.iters == 0
+    assert effective_config("real", ALL_STAGES.replace(real=RealConfig(reconstruct=True))).reconstruction.iters == 5
 
 
 def test_a_new_source_runs_through_the_driver(tmp_path):
@@ -63,34 +64,41 @@ def test_a_new_source_runs_through_the_driver(tmp_path):
 
 
 def test_the_tv_weight_follows_the_recipes_bit_widths():
-    cfg = DFQConfig(w_tv=4e-3, w_tv_8bit=2.5e-5)
+    cfg = SynthesisConfig(w_tv=4e-3, w_tv_8bit=2.5e-5)
     assert cfg.for_bit_widths([8, 8, 8]).w_tv == 2.5e-5
     assert cfg.for_bit_widths([8, 4, 8]).w_tv == 4e-3  # one 4-bit quantizer: the low-bit weight
     assert cfg.for_bit_widths([]).w_tv == 4e-3  # nothing quantized: unchanged
-    assert DFQConfig.from_preset("fast").for_bit_widths([8]).w_tv == 2.5e-5
+    assert DFQConfig.from_preset("fast").for_bit_widths([8]).synthesis.w_tv == 2.5e-5
 
 
 def test_the_synthesis_steps_follow_the_recipes_bit_widths():
-    cfg = DFQConfig(iterations=100, iterations_8bit=40)
-    assert cfg.for_bit_widths([8, 8]).iterations == 40
-    assert cfg.for_bit_widths([8, 4]).iterations == 100
-    assert DFQConfig(iterations=100).for_bit_widths([8, 8]).iterations == 100  # 0: the same steps at 8 bits
+    cfg = DFQConfig(synthesis=SynthesisConfig(iterations=100, iterations_8bit=40))
+    assert cfg.for_bit_widths([8, 8]).synthesis.iterations == 40
+    assert cfg.for_bit_widths([8, 4]) == cfg
+    assert SynthesisConfig(iterations=100).for_bit_widths([8, 8]).iterations == 100  # 0: the same steps at 8 bits
     with pytest.raises(DFQConfigError, match="iterations_8bit must be a non-negative integer"):
-        DFQConfig(iterations_8bit=-1)
+        SynthesisConfig(iterations_8bit=-1)
+
+
+def _at_8_bits(cfg: DFQConfig) -> tuple[int, float]:
+    synthesis = cfg.for_bit_widths([8]).synthesis
+    return synthesis.iterations, synthesis.w_tv
 
 
 def test_a_value_set_over_a_preset_applies_at_8_bits_too(tmp_path):
     fast = DFQConfig.from_preset("fast")
-    assert (fast.for_bit_widths([8]).iterations, fast.for_bit_widths([4, 8]).iterations) == (50, 100)
-    # a user's step count or TV weight replaces the preset's at every bit width ...
-    mine = DFQConfig.from_preset("fast", iterations=30, w_tv=1e-3)
-    assert (mine.for_bit_widths([8]).iterations, mine.for_bit_widths([8]).w_tv) == (30, 1e-3)
+    assert (_at_8_bits(fast)[0], fast.for_bit_widths([4, 8]).synthesis.iterations) == (50, 100)
+    # a user's step count or TV weight replaces the preset's at every bit width, in either spelling ...
+    assert _at_8_bits(DFQConfig.from_preset("fast", iterations=30, w_tv=1e-3)) == (30, 1e-3)
+    assert _at_8_bits(DFQConfig.from_preset("fast", synthesis={"iterations": 30, "w_tv": 1e-3})) == (30, 1e-3)
     toml = tmp_path / "dfq.toml"
     toml.write_text('[dfq]\npreset = "fast"\niterations = 30\n')
-    assert load_dfq_toml(toml).for_bit_widths([8]).iterations == 30
-    # ... unless the 8-bit value is set as well
+    assert _at_8_bits(load_dfq_toml(toml))[0] == 30
+    # ... unless the 8-bit value is set as well (also when the file sets one and an override the other)
     both = DFQConfig.from_preset("fast", iterations=30, iterations_8bit=20, w_tv=1e-3, w_tv_8bit=2e-3)
-    assert (both.for_bit_widths([8]).iterations, both.for_bit_widths([8]).w_tv) == (20, 2e-3)
+    assert _at_8_bits(both) == (20, 2e-3)
+    toml.write_text('[dfq]\npreset = "fast"\n[dfq.synthesis]\niterations_8bit = 20\n')
+    assert _at_8_bits(load_dfq_toml(toml, iterations=30))[0] == 20
 
 
 @pytest.mark.parametrize("recipe,steps", [("w8a8", 3), ("w4a8", 5)])
@@ -102,7 +110,7 @@ def test_the_driver_synthesizes_the_steps_of_the_recipe(tmp_path, recipe, steps)
                                 recon_iters=0, log_every=1)
     summary = run_calibration(fp, q, method="maskaq", config=cfg, data_config=DATA, run_dir=tmp_path,
                               synthesis_workers=1)
-    assert summary["config"]["iterations"] == steps
+    assert summary["config"]["synthesis"]["iterations"] == steps
     assert [p["iteration"] for p in summary["curves"]["synthesis"][0]["curve"]] == list(range(steps))
 
 
@@ -113,4 +121,5 @@ def test_the_driver_runs_the_tv_weight_of_the_recipe(tmp_path, recipe, w_tv):
     attach_quantizers(q, RECIPES[recipe])
     cfg = DFQConfig.from_preset("fast", num_images=4, recon_iters=0)
     summary = run_calibration(fp, q, method="noise", config=cfg, data_config=DATA, run_dir=tmp_path)
-    assert summary["config"]["w_tv"] == w_tv and summary["config"]["w_tv_8bit"] == 2.5e-5
+    synthesis = summary["config"]["synthesis"]
+    assert synthesis["w_tv"] == w_tv and synthesis["w_tv_8bit"] == 2.5e-5

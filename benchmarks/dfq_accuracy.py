@@ -54,7 +54,7 @@ ASSETS = Path(os.environ.get("MASKAQ_EMBEDDED_DIR", ROOT / "maskaq_deploy" / "as
 ZOO = ROOT / "benchmarks" / "zoo"
 RECIPES = ("w8a8", "w4a8", "w4a4", "w3a3")
 NO_RECON = {"recon_iters": 0}
-METHODS = {  # name: (calibration method, preset, config overrides)
+METHODS = {  # name: (calibration method, preset, config overrides as [dfq] keys)
     "noise": ("noise", "fast", {}),
     # the published baseline: the paper's image prior weight, 100 steps at every recipe (fast's w8a8 50 are
     # MaskAQ's choice for the build's budget; its cells were measured with 100)
@@ -200,22 +200,24 @@ def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
 
 
 REUSED = {"batches": 0, "seconds": 0.0, "cpu_seconds": 0.0}  # what reused batches cost when they were made
-# config fields that only stages after synthesis read: batches made under configs differing only in these are equal
-AFTER_SYNTHESIS = {"preset", "log_every", "calib_batch_size", "epochs", "refresh_every", "kd_temperature",
-                   "kd_weight", "ce_weight", "attn_dist_weight", "attn_dist_top", "attn_dist_high",
-                   "w_tv_8bit", "iterations_8bit"}  # resolved into w_tv / iterations for the recipe before synthesis
-
-# synthesis fields added after batches were cached: at their default they are left out of the key, so the batches
-# made before them stay valid
-LATER_FIELDS = {"soft_label_mix": 0.0}
+# the parts of the config a synthesized batch depends on (the other parts are read only by later stages), and the
+# shared fields it does not depend on
+SYNTHESIS_PARTS = ("synthesis", "maskaq", "psaq")
+NOT_SYNTHESIS = {"preset", "log_every"}
+# resolved into w_tv / iterations for the recipe before synthesis
+EIGHT_BIT_VARIANTS = {"w_tv_8bit", "iterations_8bit"}
 
 
 def _synthesis_key(setup, labels, seed) -> str:
     """Everything a synthesized batch depends on: method, synthesis settings, P, Q's state (MaskAQ), labels,
     seed. A refreshed round's Q differs from run to run, so it never matches another run's batch."""
+    from maskaq_deploy.calib.dfq.config import PARTS
+
     h = hashlib.sha256()
-    cfg = {k: v for k, v in setup.cfg.to_dict().items()
-           if k not in AFTER_SYNTHESIS and not k.startswith(("ft_", "recon_")) and (k, v) not in LATER_FIELDS.items()}
+    d = setup.cfg.to_dict()
+    cfg = {k: v for k, v in d.items() if k not in PARTS and k not in NOT_SYNTHESIS}
+    cfg.update({part: d[part] for part in SYNTHESIS_PARTS})
+    cfg["synthesis"] = {k: v for k, v in d["synthesis"].items() if k not in EIGHT_BIT_VARIANTS}
     h.update(json.dumps([setup.method, cfg, seed, labels.tolist(), list(setup.input_size)]).encode())
     # P's float tensors only (its disabled quantizers hold the recipe's scales, which P never uses); all of Q
     for model, skip in ((setup.teacher, "_quantizer."), (setup.student, None)):
@@ -281,17 +283,25 @@ def claim(path: Path, key: str) -> bool:
         return True
 
 
+def column_config(spec, seed: int, quick: bool):
+    """The DFQConfig of a column (before its source's stages and the recipe's 8-bit values resolve it)."""
+    from maskaq_deploy.calib.dfq import DFQConfig
+
+    _method, preset, overrides = spec
+    overrides = {**overrides, **(QUICK if quick else {})}
+    if quick and overrides.get("epochs"):
+        overrides.update(epochs=2, refresh_every=0 if overrides.get("refresh_every") == 0 else 1)
+    return DFQConfig.from_preset(preset, seed=seed, **overrides)
+
+
 def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data, evalset, real, device) -> dict:
     from maskaq_deploy.calib import RECIPES as ALL_RECIPES
     from maskaq_deploy.calib import attach_quantizers
-    from maskaq_deploy.calib.dfq import DFQConfig, run_calibration
+    from maskaq_deploy.calib.dfq import run_calibration
     from maskaq_deploy.calib.dfq.errors import ResumeError
 
-    method, preset, overrides = spec
-    overrides = {**overrides, **(QUICK if args.quick else {})}
-    if args.quick and overrides.get("epochs"):
-        overrides.update(epochs=2, refresh_every=0 if overrides.get("refresh_every") == 0 else 1)
-    config = DFQConfig.from_preset(preset, seed=seed, **overrides)
+    method = spec[0]
+    config = column_config(spec, seed, args.quick)
     q = copy.deepcopy(fp)
     attach_quantizers(q, ALL_RECIPES[recipe])
     run_dir = Path(args.workdir) / ("quick" if args.quick else "full") / model / recipe / name / f"seed{seed}"

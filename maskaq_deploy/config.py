@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses with defaults, loadable from TOML, overridable from CLI options.
 
 A TOML file may hold the tables [model] (ModelConfig fields), [calibrate] (CalibrateConfig fields) and [dfq]
-(calib.dfq.DFQConfig fields: synthesis, loss weights, fine-tuning, on top of the preset):
+(calib.dfq.DFQConfig fields: synthesis, loss weights, fine-tuning, on top of the preset; by their flat keys, or
+inside the table of their part such as [dfq.reconstruction]; docs/maskaq.md lists both):
 
     [model]
     name = "deit_tiny_patch16_224"
@@ -14,6 +15,9 @@ A TOML file may hold the tables [model] (ModelConfig fields), [calibrate] (Calib
     [dfq]
     iterations = 500
     w_entropy = 0.5
+
+    [dfq.reconstruction]          # the same as  recon_iters = 100  under [dfq]
+    iters = 100
 
 CLI options given explicitly override the file; the fully resolved config goes into the manifest.
 """
@@ -48,7 +52,7 @@ class CalibrateConfig:
     seed: int = 0
     device: str = "cpu"
     save_images: bool = False  # write a PNG grid of the synthetic images into the run directory
-    dfq: dict = dataclasses.field(default_factory=dict)  # DFQConfig field overrides ([dfq] table of --config)
+    dfq: dict = dataclasses.field(default_factory=dict)  # DFQConfig values ([dfq] table of --config)
     attention_qdq: bool | None = None  # quantize the attention matmuls; None: as the recipe says
     version: int = CONFIG_VERSION
 

@@ -1,11 +1,13 @@
-"""DFQConfig: its parts, flat [dfq] keys and part tables, presets, validation, old manifests."""
+"""DFQConfig: its parts, flat [dfq] keys and part tables, presets, validation, old manifests, the docs' list."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from maskaq_deploy.calib.dfq import DFQConfig, DFQConfigError, load_dfq_toml
-from maskaq_deploy.calib.dfq.config import (FLAT_KEYS, CalibrationConfig, FinetuneConfig, PSAQConfig,
+from maskaq_deploy.calib.dfq.config import (FLAT_KEYS, PARTS, CalibrationConfig, FinetuneConfig, PSAQConfig,
                                             ReconstructionConfig)
 
 
@@ -88,6 +90,15 @@ def test_config_from_toml_with_preset_base(tmp_path):
     assert cfg.reconstruction == DFQConfig.from_preset("standard").reconstruction
     path.write_text('[dfq]\npreset = "standard"\n[dfq.synthesis]\niterations = 50\nw_tv = 0\n')
     assert load_dfq_toml(path, seed=7) == cfg
+
+
+def test_the_docs_list_every_dfq_field():
+    text = (Path(__file__).parents[2] / "docs" / "maskaq.md").read_text()
+    listed = text[text.index("## The `[dfq]` fields"):]
+    missing = [k for k in DFQConfig().to_flat_dict() if f"`{k}`" not in listed]
+    assert not missing, f"docs/maskaq.md does not list {missing}"
+    for part in PARTS:
+        assert f"`[dfq.{part}]`" in listed
 
 
 def test_a_run_config_takes_flat_keys_and_part_tables_of_dfq(tmp_path):

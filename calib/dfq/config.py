@@ -32,7 +32,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from maskaq_deploy.calib.dfq.errors import DFQConfigError
 from maskaq_deploy.calib.tomlfile import read_toml
@@ -70,6 +70,7 @@ RULES = {
 }
 
 
+@dataclass(frozen=True)
 class _Checked:
     """What every config class shares: flat names, type and range checks, replace."""
 
@@ -97,6 +98,7 @@ class _Checked:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
 class _Part(_Checked):
     """A part of a DFQConfig: a frozen dataclass, checked when it is made."""
 
@@ -359,7 +361,7 @@ class DFQConfig(_Checked):
         version = values.pop("version", DFQ_CONFIG_VERSION)
         if version not in READABLE_VERSIONS:
             _bad(f"version {version!r} is not supported; this library reads versions {READABLE_VERSIONS}")
-        parts = {name: _make(PARTS[name], values.pop(name, {})) for name in PARTS}
+        parts: dict[str, Any] = {name: _make(PARTS[name], values.pop(name, {})) for name in PARTS}
         return cls(**_as_floats(cls, values), **parts)
 
     @classmethod

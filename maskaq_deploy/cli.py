@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import click
 
 from maskaq_deploy import rundir
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MaskAQDeployError, UsageError
 from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
 
 log = logging.getLogger("maskaq_deploy")
@@ -27,23 +28,14 @@ POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2 ** 63 - 1)
 
 
-def _typed_errors():
-    """(exception classes, exit code) pairs, most specific first."""
-    from maskaq_deploy.calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
-    from maskaq_deploy.errors import MaskAQError
-    from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
-    from maskaq_deploy.runtimes.errors import BackendError
+# option keys whose flag is not "--" + the key with dashes (click's own naming of the other options)
+OPTION_FLAGS = {"config_file": "--config", "flavour": "--for"}
+OPTION_KEY = re.compile(r"`([a-z][a-z0-9_]*)`")
 
-    pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
-             (DFQConfigError, EXIT_USAGE), (ResumeError, EXIT_USAGE),
-             (CheckpointError, EXIT_FAILURE), (QuantError, EXIT_FAILURE), (BackendError, EXIT_FAILURE)]
-    try:
-        from maskaq_deploy.export.errors import ExportError, ExportInputError
 
-        pairs[1:1] = [(ExportInputError, EXIT_USAGE), (ExportError, EXIT_FAILURE)]
-    except ImportError:  # pragma: no cover - export package always ships
-        pass
-    return pairs
+def with_flags(message: str) -> str:
+    """A library message as the CLI says it: each option key in backquotes (`keep_fp`) becomes its flag."""
+    return OPTION_KEY.sub(lambda m: OPTION_FLAGS.get(m[1], "--" + m[1].replace("_", "-")), message)
 
 
 def abort(message: str, code: int = EXIT_FAILURE):
@@ -113,13 +105,11 @@ class App(click.Group):
         except Exception as e:
             if os.environ.get("MASKAQ_TRACEBACK"):
                 raise
-            for cls, code in _typed_errors():
-                if isinstance(e, cls):
-                    code = code if code is not None else e.exit_code
-                    line = _error_line(e)
-                    if line is None:
-                        sys.exit(code)
-                    abort(line, code)
+            if isinstance(e, MaskAQDeployError):  # the exit code is the error class's own
+                line = _error_line(e)
+                if line is None:
+                    sys.exit(e.exit_code)
+                abort(with_flags(line), e.exit_code)
             if isinstance(e, OSError):
                 abort(*_os_error_line(e))
             first = (str(e).splitlines() or [""])[0][:200]

@@ -21,7 +21,7 @@ import click
 
 from maskaq_deploy import rundir
 from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MaskAQDeployError, UsageError
-from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH, names
 
 log = logging.getLogger("maskaq_deploy")
 POSITIVE = click.IntRange(min=1)
@@ -361,7 +361,7 @@ def calibrate(out, force, quiet, resume, **kw):
 @cli.command()
 @click.argument("run", type=click.Path(exists=False, file_okay=False))
 @click.option("--val-data", default=None, help="Validation images: .npz or ImageFolder (default: embedded test set).")
-@click.option("--runtime", default=TORCH, type=click.Choice(RUNTIMES),
+@click.option("--runtime", default=TORCH.value, type=click.Choice(names(RUNTIMES)),
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
@@ -393,8 +393,8 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
 @model_options
 @calib_options
 @click.option("--out", default="maskaq-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target", default=ONNXRUNTIME, show_default=True,
-              type=click.Choice(TARGETS),
+@click.option("--target", default=ONNXRUNTIME.value, show_default=True,
+              type=click.Choice(names(TARGETS)),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
@@ -440,8 +440,8 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
 @cli.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--for", "flavour", default=ONNXRUNTIME, show_default=True,
-              type=click.Choice(FLAVOURS), help="Which runtime the QDQ graph is shaped for.")
+@click.option("--for", "flavour", default=ONNXRUNTIME.value, show_default=True,
+              type=click.Choice(names(FLAVOURS)), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")

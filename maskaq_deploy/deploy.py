@@ -21,7 +21,7 @@ from maskaq_deploy.errors import UsageError
 from maskaq_deploy.export.targets import check_recipe_for_target
 from maskaq_deploy.run import Run
 from maskaq_deploy.runtimes.registry import get_backend
-from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, TARGETS, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, TENSORRT, TORCH, check_name
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,7 @@ class ExportResult:
 
 
 def check_target(recipe_name: str, target: str) -> None:
-    """Refuse, before any work, a recipe the target cannot execute."""
-    if target not in TARGETS:
-        raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == TORCH:
-        return
+    """Refuse, before any work, a recipe the target cannot execute (or a target that does not exist)."""
     check_recipe_for_target(get_recipe(recipe_name), target)
 
 
@@ -58,8 +54,7 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
     ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
     from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
-    if flavour not in FLAVOURS:
-        raise UsageError(f"unknown export flavour {flavour!r}; use --for {' or --for '.join(FLAVOURS)}")
+    check_name(flavour, FLAVOURS, "export flavour", UsageError)
     manifest = run.manifest
     if flavour == TENSORRT:  # the checkpoint's own recipe (built-in or custom)
         check_recipe_for_target(Recipe.from_dict(manifest.recipe), TENSORRT)

@@ -44,7 +44,7 @@ from maskaq_deploy.runtimes.bench import benchmark
 from maskaq_deploy.runtimes.compare import agreement, compare_logits
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
 from maskaq_deploy.sensitivity import METRIC, layer_sensitivity
-from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 export_run = export  # the name the package exports (maskaq_deploy.export is the exporter subpackage)

@@ -19,7 +19,6 @@ from maskaq_deploy.calib.tomlfile import read_toml
 
 
 DFQ_CONFIG_VERSION = 1
-METHODS = ("maskaq", "psaq", "noise", "real")  # the built-in sources, registered in calib.dfq.sources
 AUTOCAST_MODES = ("auto", "off", "bf16")
 Q_INIT_MODES = ("noise",)
 PAPER_TV = 2.5e-5  # the published weight of the total-variation image prior

@@ -50,7 +50,7 @@ class Flavour:
             return self.float_dtypes[0]
         if requested not in self.float_dtypes:
             raise ExportError(f"flavour {self.name} computes in {' or '.join(self.float_dtypes)}, not "
-                              f"{requested!r}" + ("; half precision is for --for tensorrt"
+                              f"{requested!r}" + (f"; half precision is for `flavour` {TENSORRT}"
                                                   if self.float_dtypes == ("fp32",) else ""))
         return requested
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 
 from maskaq_deploy import rundir
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MaskAQDeployError, UsageError
+from maskaq_deploy.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Bf16BuildError, MaskAQDeployError,
+                                  UsageError)
 from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH, names
 
 log = logging.getLogger("maskaq_deploy")
@@ -33,9 +34,18 @@ OPTION_FLAGS = {"config_file": "--config", "flavour": "--for"}
 OPTION_KEY = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
+# what the CLI adds to an error's line: the command that does what the library's message can only describe
+COMMAND_HINTS = {Bf16BuildError: " with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'"}
+
+
 def with_flags(message: str) -> str:
     """A library message as the CLI says it: each option key in backquotes (`keep_fp`) becomes its flag."""
     return OPTION_KEY.sub(lambda m: OPTION_FLAGS.get(m[1], "--" + m[1].replace("_", "-")), message)
+
+
+def cli_line(e: Exception, line: str) -> str:
+    """The one line the CLI prints for the typed error ``e`` whose own line is ``line``."""
+    return with_flags(line) + COMMAND_HINTS.get(type(e), "")
 
 
 def abort(message: str, code: int = EXIT_FAILURE):
@@ -109,7 +119,7 @@ class App(click.Group):
                 line = _error_line(e)
                 if line is None:
                     sys.exit(e.exit_code)
-                abort(with_flags(line), e.exit_code)
+                abort(cli_line(e, line), e.exit_code)
             if isinstance(e, OSError):
                 abort(*_os_error_line(e))
             first = (str(e).splitlines() or [""])[0][:200]
@@ -410,17 +420,14 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
     from maskaq_deploy.calib import get_recipe
 
+    from maskaq_deploy.deploy import check_build_float_dtype
     from maskaq_deploy.errors import EXIT_NO_ENGINE, EXIT_OK
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
 
     _setup_logging(quiet)
     limits = thresholds(max_drop, baseline, max_regression)
-    if float_dtype not in (None, "fp32") and target != TENSORRT:
-        raise UsageError(f"--float-dtype {float_dtype} is for --target tensorrt; {target} computes in fp32")
-    if float_dtype == "bf16":
-        raise UsageError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build with "
-                         "fp16, or export bf16 with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'")
+    check_build_float_dtype(target, float_dtype)  # before any work
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
@@ -451,15 +458,14 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
               help="Q/DQ on the attention matmuls (default: as calibrated); off keeps them in the float dtype.")
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
-    from maskaq_deploy.deploy import conformance, export
+    from maskaq_deploy.deploy import check_float_dtype, conformance, export
     from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
     from maskaq_deploy.run import Run
 
     _setup_logging()
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
-    if float_dtype not in (None, "fp32") and flavour != TENSORRT:
-        raise UsageError(f"--float-dtype {float_dtype} is for --for tensorrt; {flavour} computes in fp32")
+    check_float_dtype(float_dtype, flavour)
     with _run_lock(run):
         res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
                      float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))

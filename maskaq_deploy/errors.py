@@ -53,5 +53,9 @@ class ProvenanceError(UsageError):
     """Files of a run do not belong together (a checkpoint, its FP weights or an artifact changed since)."""
 
 
+class Bf16BuildError(UsageError):
+    """A build cannot check a bf16 graph (onnxruntime has no CPU kernel for bf16 Q/DQ); an export can write one."""
+
+
 class NonFiniteError(MaskAQError):
     """A computed value (a quantizer scale, a logit) is NaN or infinite: the stage failed."""

@@ -325,7 +325,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
                          "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
         err.mirrored = True  # every rank refuses alike: reported once
         raise err
-    deploy.check_target(cfg.recipe, target)  # refuse before any work
+    deploy.check_target(cfg.recipe, target, float_dtype)  # refuse before any work
     with rundir.writing(out, force=force, resume=resume, command=command) as stage:  # replaces ``out`` on success
         result = _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
                              dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from maskaq_deploy.calib.dfq.errors import DFQConfigError, SynthesisError
+from maskaq_deploy.errors import MaskAQDeployError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 _TASK: dict[str, Callable] = {}
 
 
-class WorkersUnavailable(Exception):
+class WorkersUnavailable(MaskAQDeployError):
     """Forked workers cannot run autograd in this process: something here (e.g. an ONNX export of a quantized
     model) started autograd's device threads before the fork. The caller makes the batches itself instead."""
 

@@ -394,7 +394,7 @@ def trace_quantized(model: nn.Module, options: ExportOptions, *, attention_qdq: 
     attention = _attention_quantizers(model, quantizers)
     if attention_qdq and not attention:
         raise ExportError("this checkpoint was calibrated without attention-matmul quantizers, so there is no "
-                          "scale to export; recalibrate with --attention-qdq on, or export with --attention-qdq off")
+                          "scale to export; recalibrate with `attention_qdq` on, or export with `attention_qdq` off")
     if attention_qdq is False:
         quantizers = {n: q for n, q in quantizers.items() if n not in attention}
     params = {}

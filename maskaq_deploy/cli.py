@@ -29,9 +29,11 @@ POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2 ** 63 - 1)
 
 
-# option keys whose flag is not "--" + the key with dashes (click's own naming of the other options)
-OPTION_FLAGS = {"config_file": "--config", "flavour": "--for"}
-OPTION_KEY = re.compile(r"`([a-z][a-z0-9_]*)`")
+# Keys in library messages (see maskaq_deploy.errors) whose flag is not "--" + the field's name with dashes, which
+# is click's naming of every other option; a key may name its config table too (`model.checkpoint`).
+OPTION_FLAGS = {"config_file": "--config", "flavour": "--for", "model.name": "--model",
+                "model.kwargs": "--model-kwargs"}
+OPTION_KEY = re.compile(r"`([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)`")
 
 
 # what the CLI adds to an error's line: the command that does what the library's message can only describe
@@ -40,7 +42,10 @@ COMMAND_HINTS = {Bf16BuildError: " with 'maskaq-deploy export RUN --for tensorrt
 
 def with_flags(message: str) -> str:
     """A library message as the CLI says it: each option key in backquotes (`keep_fp`) becomes its flag."""
-    return OPTION_KEY.sub(lambda m: OPTION_FLAGS.get(m[1], "--" + m[1].replace("_", "-")), message)
+    def flag(key: str) -> str:
+        return OPTION_FLAGS.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+    return OPTION_KEY.sub(lambda m: flag(m[1]), message)
 
 
 def cli_line(e: Exception, line: str) -> str:
@@ -328,7 +333,7 @@ def _flavour_rows(name: str, r: dict, skipped: list) -> list:
     rows = [(label(r["flavour"], r) if "flavour" in r else name, r)]
     for flavour, row in (r.get("flavours") or {}).items():
         if "skipped" in row:
-            skipped.append(f"{name} ({flavour} flavour) not evaluated: {row['skipped']}")
+            skipped.append(f"{name} ({flavour} flavour) not evaluated: {with_flags(row['skipped'])}")
         elif flavour != r.get("flavour"):
             rows.append((label(flavour, row), row))
     return rows

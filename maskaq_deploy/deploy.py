@@ -107,7 +107,7 @@ def artifact(run: Run, runtime: str, given=None):
         return run.quantized
     path = Path(given) if given else run.path / ARTIFACTS[runtime]
     if given is not None and not path.is_file():
-        raise UsageError(f"--artifact {given} does not exist; give an exported .onnx or .engine, or leave it out "
+        raise UsageError(f"`artifact` {given} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
     if runtime == ONNXRUNTIME and not path.is_file():
         log.info("%s not found: exporting the onnxruntime flavour first", path)

@@ -5,8 +5,9 @@ every layer may import (calib, export and runtimes import it and nothing else of
 
 Every typed error derives from ``MaskAQDeployError`` and carries on its class the exit code the CLI ends with
 (``exit_code``). Its message is one line in library terms: what is wrong and the fix. A setting that fixes it is
-named by its option key in backquotes, e.g. "keep that layer in float with `keep_fp`" (the config field or
-keyword argument a Python caller sets); the CLI writes it as its flag ("--keep-fp").
+named by its key in backquotes, e.g. "keep that layer in float with `keep_fp`" (the config field or keyword
+argument a Python caller sets, with its table where that helps: `model.kwargs`); the CLI writes it as its flag
+("--keep-fp", "--model-kwargs"). A message stored rather than raised (a report's reason) keeps the same form.
 
 Exit codes: 0 ok; 1 a failure (a stage could not do its job); 2 a usage error (bad option, bad input file, a run
 folder locked by another command); 3 the TensorRT engine could not be built on this machine (bundle written); 4 an

@@ -246,7 +246,7 @@ class _Judge:
         if resumed:
             saved = self.ctx.state.load_tensors("holdout")
             if saved is None:
-                raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without --resume")
+                raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without `resume`")
             self.images = saved["images"]
         else:
             self.images = first_set[-round(first_set.shape[0] * self.ctx.cfg.ft_holdout):].float()

@@ -220,7 +220,7 @@ def make_in_workers(make: Callable, batches: list[int], workers: int,
                 idle_after_exit = idle_after_exit + 1 if _all_exited(procs) else 0
                 if idle_after_exit > 1:
                     raise SynthesisError("the synthesis workers stopped before every batch was made; rerun "
-                                         "with --resume") from None
+                                         "with `resume`") from None
                 continue
             if kind == "log":
                 on_log(b, *payload)
@@ -247,6 +247,6 @@ def _all_exited(procs) -> bool:
     dead = [p for p in procs if p.exitcode not in (None, 0)]
     if dead:
         raise SynthesisError(f"a synthesis worker process died (exit code {dead[0].exitcode}: killed, or out of "
-                             "memory?); rerun with --resume to continue from the saved batches, or set "
+                             "memory?); rerun with `resume` to continue from the saved batches, or set "
                              "OMP_NUM_THREADS=1 to synthesize in one process")
     return all(p.exitcode == 0 for p in procs)

@@ -46,7 +46,7 @@ def calibrate_observers(model: nn.Module, forward_loop: Callable[[nn.Module], No
             q.finish_calibration()
             if not bool(torch.isfinite(q.scale).all()) or not bool(torch.isfinite(q.zero_point).all()):
                 raise QuantError(f"activation quantizer {name} got a NaN or infinite scale: its inputs were not "
-                                 "finite; check the calibration images, or keep that layer in float with --keep-fp")
+                                 "finite; check the calibration images, or keep that layer in float with `keep_fp`")
     finally:
         for _, q in acts:
             q.calibrating = False

@@ -99,7 +99,7 @@ def check_finite_quantizers(model: nn.Module) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise QuantError(f"{name} holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s) after "
-                             "calibration; check the calibration images, or keep that layer in float with --keep-fp")
+                             "calibration; check the calibration images, or keep that layer in float with `keep_fp`")
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -165,26 +165,26 @@ def read_manifest(run_dir) -> dict:
                               "run 'maskaq-deploy calibrate --out DIR' first")
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {MANIFEST_FILE}: not a quantized checkpoint, or an "
-                              "interrupted write; recalibrate into it with --force")
+                              "interrupted write; recalibrate into it with `force`")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0][:100]}); recalibrate with "
-                              "--force") from None
+                              "`force`") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object; recalibrate "
-                              "with --force")
+                              "with `force`")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CheckpointError(f"{path} has schema_version {version!r}; this tool reads {SCHEMA_VERSION}")
     for key, kind in MANIFEST_KEYS:
         if not isinstance(manifest.get(key), kind):
             raise CheckpointError(f"{path} has no valid {key!r} entry (a {kind.__name__} is expected); recalibrate "
-                                  "with --force")
+                                  "with `force`")
     model = manifest["model"]
     if not isinstance(model.get("timm_name"), str) or not isinstance(model.get("kwargs", {}), dict):
         raise CheckpointError(f"{path}: its 'model' entry lacks a timm_name or has malformed kwargs; recalibrate "
-                              "with --force")
+                              "with `force`")
     return manifest
 
 
@@ -204,18 +204,18 @@ def load_quantized_checkpoint(run_dir, map_location: str = "cpu") -> tuple[nn.Mo
         model = build_float_model(manifest["model"])
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / MANIFEST_FILE} names a model that cannot be built "
-                              f"({str(e).splitlines()[0][:120]}); recalibrate with --force") from None
+                              f"({str(e).splitlines()[0][:120]}); recalibrate with `force`") from None
     attach_quantizers(model, recipe, keep_fp=manifest.get("keep_fp", ()))
     try:
         weights = load_file(run_dir / MODEL_FILE, device=map_location)
         quant = load_file(run_dir / QUANT_FILE, device=map_location)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read the tensors of {run_dir}: {e}; recalibrate with --force") from None
+        raise CheckpointError(f"cannot read the tensors of {run_dir}: {e}; recalibrate with `force`") from None
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise CheckpointError(f"{run_dir / MODEL_FILE} does not fit the model "
-                              f"({str(e).splitlines()[-1].strip()[:160]}); recalibrate with --force") from None
+                              f"({str(e).splitlines()[-1].strip()[:160]}); recalibrate with `force`") from None
     missing = [k for k in missing if not _is_quantizer_key(k)]
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / MODEL_FILE} does not fit the model: missing {missing[:3]}, "
@@ -232,6 +232,6 @@ def load_quantized_checkpoint(run_dir, map_location: str = "cpu") -> tuple[nn.Mo
                     q.initialized.copy_(quant[f"{name}.initialized"])
         except (KeyError, RuntimeError) as e:
             raise CheckpointError(f"{run_dir / QUANT_FILE}: the entry of quantizer {name} is missing or "
-                                  f"malformed ({str(e).splitlines()[0][:100]}); recalibrate with --force") from None
+                                  f"malformed ({str(e).splitlines()[0][:100]}); recalibrate with `force`") from None
     model.eval()
     return model, manifest

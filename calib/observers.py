@@ -1,4 +1,4 @@
-"""Range observers for activation quantizers.
+"""Range observers for activation quantizers, and the one list of observer names (activations and weights).
 
 An observer has three verbs: ``collect(x)`` on each calibration batch, ``reset()``, and ``compute(...)`` which
 returns the (low, high) clipping range the quantizer's scale and zero point are derived from. They hold small,
@@ -115,6 +115,16 @@ class MSEObserver(_SamplingObserver):
 
 
 OBSERVERS = {"minmax": Observer, "percentile": PercentileObserver, "mse": MSEObserver}
+ACTIVATION_OBSERVERS = tuple(OBSERVERS)
+# A weight is seen whole, so its range is either its min-max or the MSE search over clipping ratios that
+# WeightQuantizer runs on it (per channel or block); percentile sampling has no meaning there.
+WEIGHT_OBSERVERS = ("minmax", "mse")
+
+
+def one_of(names: tuple[str, ...]) -> str:
+    """``names`` as a message lists them: 'minmax', 'percentile' or 'mse'."""
+    quoted = [repr(n) for n in names]
+    return " or ".join(quoted) if len(quoted) < 3 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def make_observer(name: str) -> Observer:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from maskaq_deploy.calib.errors import UnsupportedModelError
+from maskaq_deploy.calib.families import SUPPORTED_FAMILIES, VIT, family_of
 from maskaq_deploy.calib.qmodules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
 from maskaq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
 from maskaq_deploy.calib.recipes import Recipe
-
-SUPPORTED_FAMILIES = "VisionTransformer (ViT, DeiT), VisionTransformerDistilled (DeiT distilled), SwinTransformer"
 
 
 def _attention_classes():
@@ -29,22 +28,15 @@ def _attention_classes():
 
 
 def check_supported(model: nn.Module) -> str:
-    """Return the family name of a supported model or raise UnsupportedModelError."""
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, SwinTransformer):
-        return "swin"
-    if isinstance(model, VisionTransformer):
-        name = type(model).__name__
-        if name == "VisionTransformerDistilled":
-            return "deit_distilled"
-        if not any(isinstance(m, tuple(_attention_classes())) for m in model.modules()):
-            raise UnsupportedModelError(
-                f"{name} uses an attention layer this tool does not quantize; supported: {SUPPORTED_FAMILIES}")
-        return "vit"
-    raise UnsupportedModelError(
-        f"unsupported architecture {type(model).__name__}; supported families: {SUPPORTED_FAMILIES}")
+    """Return the family name (calib.families) of a supported model or raise UnsupportedModelError."""
+    family = family_of(model)
+    if family is None:
+        raise UnsupportedModelError(
+            f"unsupported architecture {type(model).__name__}; supported families: {SUPPORTED_FAMILIES}")
+    if family == VIT and not any(isinstance(m, tuple(_attention_classes())) for m in model.modules()):
+        raise UnsupportedModelError(f"{type(model).__name__} uses an attention layer this tool does not quantize; "
+                                    f"supported: {SUPPORTED_FAMILIES}")
+    return family
 
 
 @dataclass

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from maskaq_deploy.calib.observers import make_observer
+from maskaq_deploy.calib.observers import WEIGHT_OBSERVERS, make_observer, one_of
 
 MIN_BITS, MAX_BITS = 2, 8
 INT, E4M3 = "int", "e4m3"
@@ -140,8 +140,8 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"weight granularity must be 'channel' or 'block', got {granularity!r}")
         if granularity == "block" and (block_size < 2 or block_size & (block_size - 1)):
             raise ValueError(f"block size must be a power of two >= 2 (e.g. 32, 64, 128), got {block_size}")
-        if observer not in ("minmax", "mse"):
-            raise ValueError(f"weight observer must be 'minmax' or 'mse', got {observer!r}")
+        if observer not in WEIGHT_OBSERVERS:
+            raise ValueError(f"weight observer must be {one_of(WEIGHT_OBSERVERS)}, got {observer!r}")
         if fmt == E4M3 and granularity != "channel":
             raise ValueError("FP8 (e4m3) weights are per-channel")
         self.granularity = granularity

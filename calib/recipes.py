@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from maskaq_deploy.calib.errors import RecipeError
+from maskaq_deploy.calib.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS, one_of
 from maskaq_deploy.calib.quantizers import E4M3, FORMATS, INT, MAX_BITS, MIN_BITS
 from maskaq_deploy.calib.tomlfile import read_toml
 
@@ -35,9 +36,9 @@ class Recipe:
     a_bits: int | None  # None: activations stay float (weight-only)
     w_granularity: str = "channel"  # "channel" | "block"
     w_block_size: int = 128
-    w_observer: str = "minmax"  # "minmax" | "mse"
+    w_observer: str = "minmax"  # one of observers.WEIGHT_OBSERVERS
     a_symmetric: bool = True
-    a_observer: str = "percentile"  # "minmax" | "percentile" | "mse"
+    a_observer: str = "percentile"  # one of observers.ACTIVATION_OBSERVERS
     quantize_attention: bool = True  # quantize the inputs of q @ k^T and attn @ v (--attention-qdq on|off)
     keep_fp: tuple[str, ...] = ()
     number_format: str = INT  # "int" | "e4m3" (FP8: 8-bit weights and activations, symmetric, per-channel weights)
@@ -60,10 +61,10 @@ class Recipe:
         if self.w_granularity == "block" and self.w_block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"recipe {self.name!r}: w_block_size {self.w_block_size} unsupported; "
                               "use 32, 64 or 128")
-        if self.w_observer not in ("minmax", "mse"):
-            raise RecipeError(f"recipe {self.name!r}: w_observer must be 'minmax' or 'mse'")
-        if self.a_observer not in ("minmax", "percentile", "mse"):
-            raise RecipeError(f"recipe {self.name!r}: a_observer must be 'minmax', 'percentile' or 'mse'")
+        if self.w_observer not in WEIGHT_OBSERVERS:
+            raise RecipeError(f"recipe {self.name!r}: w_observer must be {one_of(WEIGHT_OBSERVERS)}")
+        if self.a_observer not in ACTIVATION_OBSERVERS:
+            raise RecipeError(f"recipe {self.name!r}: a_observer must be {one_of(ACTIVATION_OBSERVERS)}")
         if self.number_format not in FORMATS:
             raise RecipeError(f"recipe {self.name!r}: number_format must be one of {', '.join(FORMATS)}")
         if self.number_format == E4M3 and (self.w_bits != 8 or self.a_bits != 8 or not self.a_symmetric

@@ -33,7 +33,7 @@ from maskaq_deploy.export.errors import ExportError
 from maskaq_deploy.export.targets import FP8_MIN_COMPUTE_CAPABILITY
 from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
-from maskaq_deploy.runtimes.registry import TENSORRT
+from maskaq_deploy.runtimes.targets import TENSORRT
 
 BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"

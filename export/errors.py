@@ -1,24 +1,28 @@
 """Typed errors of the exporter, the conformance checker and the ONNX inspector.
 
-Each carries a one-line message naming the problem and, where there is one, the fix. Library code raises them;
-the CLI turns them into messages and exit codes.
+Each carries a one-line message naming the problem and, where there is one, the fix, and its exit code (see
+maskaq_deploy.errors, the root). Library code raises them; the CLI turns them into messages and exit codes.
 """
 
+from maskaq_deploy.calib.errors import UnsupportedModelError
+from maskaq_deploy.errors import EXIT_USAGE, MaskAQDeployError
 
-class ExportError(Exception):
+__all__ = ["ExportError", "ExportInputError", "UnsupportedOpError", "UnsupportedModelError", "TargetError",
+           "OnnxFileError", "NoQDQError"]
+
+
+class ExportError(MaskAQDeployError):
     """The model cannot be exported as asked (the exporter failed, or the result would be wrong)."""
 
 
 class ExportInputError(ExportError):
     """What was given cannot be exported or read as asked (a usage error, not a failure of the tool)."""
 
+    exit_code = EXIT_USAGE
+
 
 class UnsupportedOpError(ExportInputError):
     """A quantized tensor feeds an ONNX op (or an input of it) that has no Q/DQ rule in export/registry.py."""
-
-
-class UnsupportedModelError(ExportInputError, TypeError):
-    """The object is not a model this exporter handles (not an nn.Module, or no quantizers for a QDQ export)."""
 
 
 class TargetError(ExportInputError, ValueError):

@@ -68,6 +68,7 @@ from maskaq_deploy.export.lowering import WeightSite, float8_initializer
 from maskaq_deploy.export.precision import BF16_OPSET, FLOAT_DTYPE_KEY, to_float_dtype
 from maskaq_deploy.export.qparams import ActParams, WeightParams
 from maskaq_deploy.export.registry import REGISTRY, Flavour, InputKind, OpRule, get_flavour
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def _insert_weight(G: GraphEdit, marker, p: WeightParams, flavour: Flavour, regi
     rule.lower_weight(WeightSite(G, node, idx, p, codes, scale, dims, consumed, act_inputs, flavour.name, opset))
 
 
-def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = "onnxruntime", *,
+def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = ONNXRUNTIME, *,
                registry: dict[str, OpRule] | None = None) -> onnx.ModelProto:
     """Replace every marker in ``proto`` (in place) by Q/DQ / quantized weights from ``params``; returns it.
 
@@ -354,7 +355,7 @@ class MarkedGraph:
     options: ExportOptions
     attention_qdq: bool = True  # the attention matmuls carry Q/DQ
 
-    def to_qdq(self, flavour: str = "onnxruntime", *, registry: dict[str, OpRule] | None = None,
+    def to_qdq(self, flavour: str = ONNXRUNTIME, *, registry: dict[str, OpRule] | None = None,
                float_dtype: str | None = None) -> onnx.ModelProto:
         """The QDQ graph for ``flavour``; ``float_dtype`` (None: the flavour's default, fp16 for tensorrt)
         is the dtype everything unquantized computes in."""
@@ -393,7 +394,7 @@ def trace_quantized(model: nn.Module, options: ExportOptions, *, attention_qdq: 
     attention = _attention_quantizers(model, quantizers)
     if attention_qdq and not attention:
         raise ExportError("this checkpoint was calibrated without attention-matmul quantizers, so there is no "
-                          "scale to export; recalibrate with --attention-qdq on, or export with --attention-qdq off")
+                          "scale to export; recalibrate with `attention_qdq` on, or export with `attention_qdq` off")
     if attention_qdq is False:
         quantizers = {n: q for n, q in quantizers.items() if n not in attention}
     params = {}
@@ -421,7 +422,7 @@ def trace_quantized(model: nn.Module, options: ExportOptions, *, attention_qdq: 
     return MarkedGraph(proto, params, options, attention_qdq=bool(attention) and attention_qdq is not False)
 
 
-def build_qdq_model(model: nn.Module, options: ExportOptions, flavour: str = "onnxruntime", *,
+def build_qdq_model(model: nn.Module, options: ExportOptions, flavour: str = ONNXRUNTIME, *,
                     registry: dict[str, OpRule] | None = None, float_dtype: str | None = None) -> onnx.ModelProto:
     """The QDQ ModelProto of a calibrated quantized model (nothing written). ``options.opset`` must be set."""
     get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
@@ -438,7 +439,7 @@ def default_options(model: nn.Module, *, input_shape=None, batch_size: int = 1, 
     return ExportOptions(input_shape or input_shape_of(model), batch_size, dynamic_batch, opset)
 
 
-def write_qdq(marked: MarkedGraph, path, flavour: str = "onnxruntime", *, registry: dict[str, OpRule] | None = None,
+def write_qdq(marked: MarkedGraph, path, flavour: str = ONNXRUNTIME, *, registry: dict[str, OpRule] | None = None,
               metadata: dict | None = None, float_dtype: str | None = None) -> QDQExport:
     """Write the ``flavour`` QDQ graph of an already traced model (trace once, write both flavours)."""
     proto = marked.to_qdq(flavour, registry=registry, float_dtype=float_dtype)
@@ -455,7 +456,7 @@ def write_qdq(marked: MarkedGraph, path, flavour: str = "onnxruntime", *, regist
                      dtype)
 
 
-def export_qdq_onnx(model: nn.Module, path, *, flavour: str = "onnxruntime", input_shape=None,
+def export_qdq_onnx(model: nn.Module, path, *, flavour: str = ONNXRUNTIME, input_shape=None,
                     batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
                     registry: dict[str, OpRule] | None = None, metadata: dict | None = None,
                     float_dtype: str | None = None, attention_qdq: bool | None = None) -> QDQExport:

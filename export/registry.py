@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from maskaq_deploy.export import lowering as lw
 from maskaq_deploy.export.errors import ExportError, TargetError
-from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
+from maskaq_deploy.runtimes import targets
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Flavour:
             return self.float_dtypes[0]
         if requested not in self.float_dtypes:
             raise ExportError(f"flavour {self.name} computes in {' or '.join(self.float_dtypes)}, not "
-                              f"{requested!r}" + ("; half precision is for --for tensorrt"
+                              f"{requested!r}" + (f"; half precision is for `flavour` {TENSORRT}"
                                                   if self.float_dtypes == ("fp32",) else ""))
         return requested
 
@@ -65,10 +66,7 @@ FLAVOURS: dict[str, Flavour] = {
 def get_flavour(name) -> Flavour:
     if isinstance(name, Flavour):
         return name
-    try:
-        return FLAVOURS[name]
-    except KeyError:
-        raise ExportError(f"unknown export flavour {name!r}; choose one of {', '.join(FLAVOURS)}") from None
+    return FLAVOURS[targets.check_name(name, targets.FLAVOURS, "export flavour", ExportError)]
 
 
 class InputKind(str, enum.Enum):
@@ -104,7 +102,7 @@ class OpRule:
             raise ValueError(f"OpRule {self.op_type}: an input index is listed twice")
         if any(i < 0 for i, _ in pairs):
             raise ValueError(f"OpRule {self.op_type}: input indices must be >= 0")
-        unknown = sorted(set(self.lowerings) - set(FLAVOURS))
+        unknown = sorted(set(self.lowerings) - set(targets.FLAVOURS))
         if unknown:
             raise ValueError(f"OpRule {self.op_type}: lowerings for unknown flavour(s) {unknown}")
         object.__setattr__(self, "inputs", pairs)

@@ -49,6 +49,7 @@ from maskaq_deploy.export.errors import OnnxFileError
 from maskaq_deploy.export.graph import INT4_TYPES, QDQ_OPS, GraphView
 from maskaq_deploy.export.precision import FLOAT_DTYPE_KEY, FLOAT_DTYPES
 from maskaq_deploy.export.registry import int4_consumers, trt_float_only_ops
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, TENSORRT, check_name
 
 TRT_MIN_OPSET, TRT_MAX_OPSET = 13, 22
 TRT_QDQ_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
@@ -79,7 +80,7 @@ class Violation:
     rule: str  # an id from RULES
     node: str  # the offending node's name (or "<model>")
     message: str
-    target: str = "tensorrt"
+    target: str = TENSORRT
     severity: str = "error"  # "error" | "warning"
 
     def __str__(self) -> str:
@@ -116,7 +117,7 @@ def check_tensorrt(model) -> list[Violation]:
     out: list[Violation] = []
 
     def add(rule, node, msg):
-        out.append(Violation(rule, node if isinstance(node, str) else G.name(node), msg, "tensorrt"))
+        out.append(Violation(rule, node if isinstance(node, str) else G.name(node), msg, TENSORRT))
 
     if not TRT_MIN_OPSET <= G.opset <= TRT_MAX_OPSET:
         add("trt-opset", "<model>", f"opset {G.opset} is outside {TRT_MIN_OPSET}..{TRT_MAX_OPSET}, which the "
@@ -256,25 +257,23 @@ def check_onnxruntime(model, *, providers=("CPUExecutionProvider",)) -> list[Vio
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         out.append(Violation("ort-load", "<model>", f"onnxruntime cannot load the graph at ORT_ENABLE_ALL: "
-                             f"{first[:300]}", "onnxruntime"))
+                             f"{first[:300]}", ONNXRUNTIME))
     for node in G.nodes:
         if node.op_type == "DequantizeLinear" and G.qdq_dtype(node) in INT4_TYPES and any(
                 c.op_type in ("MatMul", "Gemm") for c, _ in G.consumers.get(node.output[0], [])):
             out.append(Violation("ort-int4-accuracy", G.name(node), "INT4 DQ -> MatMul: create the session with "
                                  "session.qdq_matmulnbits_accuracy_level=0 (OrtBackend does), or onnxruntime "
-                                 "quantizes its activations to int8", "onnxruntime", "warning"))
+                                 "quantizes its activations to int8", ONNXRUNTIME, "warning"))
     return out
 
 
-def check(model, targets=("tensorrt", "onnxruntime")) -> list[Violation]:
-    """Violations for each of ``targets`` ("tensorrt", "onnxruntime")."""
+def check(model, targets=(TENSORRT, ONNXRUNTIME)) -> list[Violation]:
+    """Violations for each of ``targets`` (export flavours: "tensorrt", "onnxruntime")."""
+    wanted = {check_name(t, FLAVOURS, "conformance target") for t in targets}  # ValueError for an unknown one
     proto = load_model(model)
-    unknown = set(targets) - {"tensorrt", "onnxruntime"}
-    if unknown:
-        raise ValueError(f"unknown conformance target(s) {sorted(unknown)}; use 'tensorrt' and/or 'onnxruntime'")
     out = []
-    if "tensorrt" in targets:
+    if TENSORRT in wanted:
         out += check_tensorrt(proto)
-    if "onnxruntime" in targets:
+    if ONNXRUNTIME in wanted:
         out += check_onnxruntime(proto)
     return out

@@ -1,6 +1,7 @@
 """Which quantization recipes each deployment target can execute, and the refusal when it cannot.
 
     target        runs
+    torch         every recipe (the fake-quant model itself)
     onnxruntime   every recipe (sub-8-bit grids run as QDQ simulation)
     tensorrt      w8a8, fp8, w4a16, and custom recipes whose grids TensorRT's types hold exactly:
                   int8 activations (symmetric) with 5..8-bit per-channel weights (int8 containers), float
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 from maskaq_deploy.calib.recipes import RECIPES, Recipe
 from maskaq_deploy.export.errors import TargetError
-from maskaq_deploy.runtimes.registry import ONNXRUNTIME, TENSORRT
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TARGETS, TENSORRT, check_name
 
-TARGETS = (TENSORRT, ONNXRUNTIME)
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
 
@@ -54,18 +54,15 @@ def _ok_recipes(target: str) -> list[str]:
 
 
 def recipe_problem(recipe: Recipe, target: str) -> str | None:
-    """Why ``target`` cannot execute ``recipe``, or None when it can."""
-    if target not in TARGETS:
-        raise RecipeTargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == TENSORRT:
+    """Why ``target`` (one of runtimes.targets.TARGETS) cannot execute ``recipe``, or None when it can."""
+    if check_name(target, TARGETS, "target", RecipeTargetError) == TENSORRT:
         return _tensorrt_problem(recipe)
-    return None  # onnxruntime runs every grid, sub-8-bit ones as QDQ simulation
+    return None  # torch and onnxruntime run every grid (onnxruntime sub-8-bit ones as QDQ simulation)
 
 
 def supported_recipes(target: str) -> list[str]:
     """Names of the built-in recipes ``target`` can execute."""
-    if target not in TARGETS:
-        raise RecipeTargetError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    check_name(target, TARGETS, "target", RecipeTargetError)
     return _ok_recipes(target)
 
 
@@ -75,4 +72,4 @@ def check_recipe_for_target(recipe: Recipe, target: str) -> None:
     if problem is not None:
         raise RecipeTargetError(
             f"recipe {recipe.name!r} cannot run on target {target!r}: {problem}; recipes that work there: "
-            f"{', '.join(_ok_recipes(target))} (or use --target onnxruntime, which runs every recipe)")
+            f"{', '.join(_ok_recipes(target))} (or use `target` {ONNXRUNTIME}, which runs every recipe)")

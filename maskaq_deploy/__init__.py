@@ -7,6 +7,7 @@ The Python API (names resolve on first use, so ``import maskaq_deploy`` and the 
     export_run(run, "onnxruntime")                  # RUN/model.qdq.onnx and RUN/model.onnx
     print(verify(run, runtime="onnxruntime").report.runtimes)
 
+Every error it raises is a ``MaskAQDeployError`` with a one-line message and an ``exit_code``.
 ``get_recipe`` and ``attach_quantizers`` quantize a timm model in place for your own calibration loop. The
 export stage is ``export_run`` (also ``maskaq_deploy.pipeline.export``): the name ``maskaq_deploy.export`` is
 the exporter subpackage, and Python binds a subpackage's name on its parent once it is imported.
@@ -24,6 +25,7 @@ _API = {
     "maskaq_deploy.models": ("ModelConfig",),
     "maskaq_deploy.records": ("Manifest", "Report"),
     "maskaq_deploy.calib": ("get_recipe", "attach_quantizers"),
+    "maskaq_deploy.errors": ("MaskAQDeployError",),  # the root of every error the package raises
 }
 _HOME = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_HOME)

@@ -21,12 +21,12 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 def device_available(device: str) -> None:
     if not DEVICE_PATTERN.fullmatch(device):
-        raise UsageError(f"--device {device!r}: use cpu, cuda or cuda:N")
+        raise UsageError(f"`device` {device!r}: use cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= count:
-            raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) here; use --device cpu"
+            raise UsageError(f"`device` {device}: torch sees {count} CUDA device(s) here; use `device` cpu"
                              + (f" or cuda:0..{count - 1}" if count else ""))
 
 
@@ -51,10 +51,10 @@ def keep_fp_patterns(patterns, module_names: list[str]) -> None:
     """Every --keep-fp pattern must match a module; a miss names the closest module names."""
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            raise UsageError(f"--keep-fp / keep_fp takes module-name patterns (strings), got {pattern!r}")
+            raise UsageError(f"`keep_fp` takes module-name patterns (strings), got {pattern!r}")
         if not any(fnmatch.fnmatchcase(n, pattern) for n in module_names):
             close = difflib.get_close_matches(pattern, module_names, n=4, cutoff=0.3) or module_names[:4]
-            raise UsageError(f"--keep-fp pattern {pattern!r} matches no module of the model; close names: "
+            raise UsageError(f"`keep_fp` pattern {pattern!r} matches no module of the model; close names: "
                              f"{', '.join(close)}")
 
 
@@ -74,7 +74,7 @@ def finite_outputs(model: nn.Module, x: torch.Tensor, out: torch.Tensor, what: s
         return
     raise NonFiniteError(f"{what} produced NaN or infinite logits; first non-finite output: "
                          f"{first_nonfinite_layer(model, x) or 'the model output'}; recalibrate, or keep that layer "
-                         "in float with --keep-fp")
+                         "in float with `keep_fp`")
 
 
 @torch.no_grad()
@@ -113,4 +113,4 @@ def finite_logits(logits: torch.Tensor, what: str, model: nn.Module | None = Non
                 break
     raise NonFiniteError(f"{what} produced {int(bad.sum())} NaN or infinite logit(s)"
                          + (f"; first non-finite output: {layer}" if layer else "")
-                         + "; recalibrate or re-export it, or keep that layer in float with --keep-fp")
+                         + "; recalibrate or re-export it, or keep that layer in float with `keep_fp`")

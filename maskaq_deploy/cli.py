@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,31 +20,37 @@ from pathlib import Path
 import click
 
 from maskaq_deploy import rundir
-from maskaq_deploy.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
-from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH
+from maskaq_deploy.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Bf16BuildError, MaskAQDeployError,
+                                  UsageError)
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH, names
 
 log = logging.getLogger("maskaq_deploy")
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2 ** 63 - 1)
 
 
-def _typed_errors():
-    """(exception classes, exit code) pairs, most specific first."""
-    from maskaq_deploy.calib.errors import CheckpointError, QuantError, RecipeError, UnsupportedModelError
-    from maskaq_deploy.errors import MaskAQError
-    from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError
-    from maskaq_deploy.runtimes.errors import BackendError
+# Keys in library messages (see maskaq_deploy.errors) whose flag is not "--" + the field's name with dashes, which
+# is click's naming of every other option; a key may name its config table too (`model.checkpoint`).
+OPTION_FLAGS = {"config_file": "--config", "flavour": "--for", "model.name": "--model",
+                "model.kwargs": "--model-kwargs"}
+OPTION_KEY = re.compile(r"`([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)`")
 
-    pairs = [(MaskAQError, None), (RecipeError, EXIT_USAGE), (UnsupportedModelError, EXIT_USAGE),
-             (DFQConfigError, EXIT_USAGE), (ResumeError, EXIT_USAGE),
-             (CheckpointError, EXIT_FAILURE), (QuantError, EXIT_FAILURE), (BackendError, EXIT_FAILURE)]
-    try:
-        from maskaq_deploy.export.errors import ExportError, ExportInputError
 
-        pairs[1:1] = [(ExportInputError, EXIT_USAGE), (ExportError, EXIT_FAILURE)]
-    except ImportError:  # pragma: no cover - export package always ships
-        pass
-    return pairs
+# what the CLI adds to an error's line: the command that does what the library's message can only describe
+COMMAND_HINTS = {Bf16BuildError: " with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'"}
+
+
+def with_flags(message: str) -> str:
+    """A library message as the CLI says it: each option key in backquotes (`keep_fp`) becomes its flag."""
+    def flag(key: str) -> str:
+        return OPTION_FLAGS.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+    return OPTION_KEY.sub(lambda m: flag(m[1]), message)
+
+
+def cli_line(e: Exception, line: str) -> str:
+    """The one line the CLI prints for the typed error ``e`` whose own line is ``line``."""
+    return with_flags(line) + COMMAND_HINTS.get(type(e), "")
 
 
 def abort(message: str, code: int = EXIT_FAILURE):
@@ -113,13 +120,11 @@ class App(click.Group):
         except Exception as e:
             if os.environ.get("MASKAQ_TRACEBACK"):
                 raise
-            for cls, code in _typed_errors():
-                if isinstance(e, cls):
-                    code = code if code is not None else e.exit_code
-                    line = _error_line(e)
-                    if line is None:
-                        sys.exit(code)
-                    abort(line, code)
+            if isinstance(e, MaskAQDeployError):  # the exit code is the error class's own
+                line = _error_line(e)
+                if line is None:
+                    sys.exit(e.exit_code)
+                abort(cli_line(e, line), e.exit_code)
             if isinstance(e, OSError):
                 abort(*_os_error_line(e))
             first = (str(e).splitlines() or [""])[0][:200]
@@ -328,7 +333,7 @@ def _flavour_rows(name: str, r: dict, skipped: list) -> list:
     rows = [(label(r["flavour"], r) if "flavour" in r else name, r)]
     for flavour, row in (r.get("flavours") or {}).items():
         if "skipped" in row:
-            skipped.append(f"{name} ({flavour} flavour) not evaluated: {row['skipped']}")
+            skipped.append(f"{name} ({flavour} flavour) not evaluated: {with_flags(row['skipped'])}")
         elif flavour != r.get("flavour"):
             rows.append((label(flavour, row), row))
     return rows
@@ -371,7 +376,7 @@ def calibrate(out, force, quiet, resume, **kw):
 @cli.command()
 @click.argument("run", type=click.Path(exists=False, file_okay=False))
 @click.option("--val-data", default=None, help="Validation images: .npz or ImageFolder (default: embedded test set).")
-@click.option("--runtime", default=TORCH, type=click.Choice(RUNTIMES),
+@click.option("--runtime", default=TORCH.value, type=click.Choice(names(RUNTIMES)),
               help="torch (fake-quant reference), onnxruntime (RUN/model.qdq.onnx) or tensorrt (RUN/model.engine).")
 @click.option("--artifact", default=None, type=click.Path(dir_okay=False),
               help="The .onnx or .engine to run instead of the one in RUN.")
@@ -403,8 +408,8 @@ def verify(run, val_data, runtime, artifact, limit, batch_size, max_drop, baseli
 @model_options
 @calib_options
 @click.option("--out", default="maskaq-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target", default=ONNXRUNTIME, show_default=True,
-              type=click.Choice(TARGETS),
+@click.option("--target", default=ONNXRUNTIME.value, show_default=True,
+              type=click.Choice(names(TARGETS)),
               help="Where the model will run: QDQ ONNX for onnxruntime, TensorRT bundle + engine, or torch only.")
 @click.option("--val-data", default=None, help="Validation images (default: the embedded test set).")
 @click.option("--limit", type=POSITIVE, default=None, help="Evaluate on at most this many images.")
@@ -420,17 +425,14 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
     from maskaq_deploy.calib import get_recipe
 
+    from maskaq_deploy.deploy import check_build_float_dtype
     from maskaq_deploy.errors import EXIT_NO_ENGINE, EXIT_OK
     from maskaq_deploy.gate import precheck, thresholds
     from maskaq_deploy.pipeline import build as run_build
 
     _setup_logging(quiet)
     limits = thresholds(max_drop, baseline, max_regression)
-    if float_dtype not in (None, "fp32") and target != TENSORRT:
-        raise UsageError(f"--float-dtype {float_dtype} is for --target tensorrt; {target} computes in fp32")
-    if float_dtype == "bf16":
-        raise UsageError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build with "
-                         "fp16, or export bf16 with 'maskaq-deploy export RUN --for tensorrt --float-dtype bf16'")
+    check_build_float_dtype(target, float_dtype)  # before any work
     model_cfg, calib_cfg = resolve_configs(kw)
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
@@ -450,8 +452,8 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 
 @cli.command("export")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--for", "flavour", default=ONNXRUNTIME, show_default=True,
-              type=click.Choice(FLAVOURS), help="Which runtime the QDQ graph is shaped for.")
+@click.option("--for", "flavour", default=ONNXRUNTIME.value, show_default=True,
+              type=click.Choice(names(FLAVOURS)), help="Which runtime the QDQ graph is shaped for.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="QDQ file (default RUN/model.qdq.onnx).")
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True, help="Fixed batch size of the graph.")
 @click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of a fixed one.")
@@ -461,15 +463,14 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
               help="Q/DQ on the attention matmuls (default: as calibrated); off keeps them in the float dtype.")
 def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
-    from maskaq_deploy.deploy import conformance, export
+    from maskaq_deploy.deploy import check_float_dtype, conformance, export
     from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
     from maskaq_deploy.run import Run
 
     _setup_logging()
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
-    if float_dtype not in (None, "fp32") and flavour != TENSORRT:
-        raise UsageError(f"--float-dtype {float_dtype} is for --for tensorrt; {flavour} computes in fp32")
+    check_float_dtype(float_dtype, flavour)
     with _run_lock(run):
         res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
                      float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))

@@ -30,7 +30,8 @@ import types
 import typing
 from dataclasses import dataclass
 
-from maskaq_deploy.calib.dfq.config import METHODS, PRESETS
+from maskaq_deploy.calib.dfq.config import PRESETS
+from maskaq_deploy.calib.dfq.sources import method_names
 from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.checks import DEVICE_PATTERN
 from maskaq_deploy.errors import UsageError
@@ -59,8 +60,8 @@ class CalibrateConfig:
     def __post_init__(self):
         check_field_types(self)
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.preset not in PRESETS:
             raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if (self.num_images is not None and self.num_images < 1) or self.batch_size < 1:

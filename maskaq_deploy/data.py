@@ -79,7 +79,7 @@ class ImageSet:
         return h.hexdigest()[:16]
 
 
-def load_image_set(spec: str, data_config: dict, what: str = "--val-data") -> ImageSet:
+def load_image_set(spec: str, data_config: dict, what: str = "`val_data`") -> ImageSet:
     """``spec``: 'embedded:test', 'embedded:calib', a .npz file, or an ImageFolder directory."""
     if spec.startswith("embedded:"):
         part = spec.split(":", 1)[1]
@@ -117,7 +117,7 @@ def _load_npz(path: Path, data_config: dict, what: str, source: str) -> ImageSet
         images = images.transpose(0, 3, 1, 2)
     if images.shape[1:] != (c, h, w):
         raise DataError(f"{what} {path.name}: images have shape {tuple(images.shape[1:])} per image but the "
-                        f"model takes {(c, h, w)}; resize them, or pass --input-size if the model allows it")
+                        f"model takes {(c, h, w)}; resize them, or pass `model.input_size` if the model allows it")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
         finite = np.isfinite(images)

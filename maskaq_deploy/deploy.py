@@ -17,11 +17,11 @@ import numpy as np
 from maskaq_deploy import provenance
 from maskaq_deploy.calib import get_recipe
 from maskaq_deploy.calib.recipes import Recipe
-from maskaq_deploy.errors import UsageError
+from maskaq_deploy.errors import Bf16BuildError, UsageError
 from maskaq_deploy.export.targets import check_recipe_for_target
 from maskaq_deploy.run import Run
 from maskaq_deploy.runtimes.registry import get_backend
-from maskaq_deploy.targets import FLAVOURS, ONNXRUNTIME, TARGETS, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, TENSORRT, TORCH, check_name
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,27 @@ class ExportResult:
     float_dtype: str = "fp32"
 
 
-def check_target(recipe_name: str, target: str) -> None:
-    """Refuse, before any work, a recipe the target cannot execute."""
-    if target not in TARGETS:
-        raise UsageError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == TORCH:
-        return
+def check_target(recipe_name: str, target: str, float_dtype: str | None = None) -> None:
+    """Refuse, before any work, a recipe the target cannot execute (or a target that does not exist), and a
+    float dtype the build cannot use (check_build_float_dtype)."""
+    check_build_float_dtype(target, float_dtype)
     check_recipe_for_target(get_recipe(recipe_name), target)
+
+
+def check_float_dtype(float_dtype: str | None, runtime: str, option: str = "flavour") -> None:
+    """Refuse half precision for anything but TensorRT: onnxruntime and torch compute in fp32. ``option``: the
+    setting that named ``runtime`` (``flavour`` for an export, ``target`` for a build), which the message names."""
+    if float_dtype not in (None, "fp32") and runtime != TENSORRT:
+        raise UsageError(f"`float_dtype` {float_dtype} is for `{option}` {TENSORRT}; {runtime} computes in fp32")
+
+
+def check_build_float_dtype(target: str, float_dtype: str | None) -> None:
+    """A build's float dtype: half precision only for TensorRT, and not bf16, because the build checks the graph
+    in onnxruntime, which has no CPU kernel for bf16 Q/DQ (an export alone writes a bf16 graph)."""
+    check_float_dtype(float_dtype, target, "target")
+    if float_dtype == "bf16":
+        raise Bf16BuildError("build checks the graph in onnxruntime, which has no CPU kernel for bf16 Q/DQ; build "
+                             "with fp16, or export bf16")
 
 
 def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = None, fp_too: bool = True,
@@ -58,8 +72,8 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
     ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
     from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
-    if flavour not in FLAVOURS:
-        raise UsageError(f"unknown export flavour {flavour!r}; use --for {' or --for '.join(FLAVOURS)}")
+    check_name(flavour, FLAVOURS, "export flavour", UsageError)
+    check_float_dtype(float_dtype, flavour)
     manifest = run.manifest
     if flavour == TENSORRT:  # the checkpoint's own recipe (built-in or custom)
         check_recipe_for_target(Recipe.from_dict(manifest.recipe), TENSORRT)
@@ -93,7 +107,7 @@ def artifact(run: Run, runtime: str, given=None):
         return run.quantized
     path = Path(given) if given else run.path / ARTIFACTS[runtime]
     if given is not None and not path.is_file():
-        raise UsageError(f"--artifact {given} does not exist; give an exported .onnx or .engine, or leave it out "
+        raise UsageError(f"`artifact` {given} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
     if runtime == ONNXRUNTIME and not path.is_file():
         log.info("%s not found: exporting the onnxruntime flavour first", path)

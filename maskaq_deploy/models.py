@@ -43,22 +43,22 @@ class ModelConfig:
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         if not self.name:
-            raise ModelError("--model is empty; give 'embedded' or a timm model name")
+            raise ModelError("`model.name` is empty; give 'embedded' or a timm model name")
         if not isinstance(self.kwargs, dict):
-            raise ModelError("--model-kwargs must be a JSON object, e.g. '{\"img_size\": 32}'")
+            raise ModelError("`model.kwargs` must be a JSON object, e.g. '{\"img_size\": 32}'")
         if self.checkpoint and self.pretrained:
-            raise ModelError("give either --checkpoint or --pretrained, not both")
+            raise ModelError("give either `model.checkpoint` or `model.pretrained`, not both")
         if self.input_size is not None and (len(self.input_size) != 3 or min(self.input_size) < 1):
-            raise ModelError("--input-size takes three positive integers C,H,W (e.g. 3,224,224)")
+            raise ModelError("`model.input_size` takes three positive integers C,H,W (e.g. 3,224,224)")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
-            raise ModelError("--mean and --std need the same number of channels")
+            raise ModelError("`model.mean` and `model.std` need the same number of channels")
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                               and math.isfinite(v) for v in values):
-                raise ModelError(f"--{key} {list(values)}: every value must be a finite number, e.g. 0.5,0.5,0.5")
+                raise ModelError(f"`model.{key}` {list(values)}: every value must be a finite number, e.g. 0.5,0.5,0.5")
         if self.std is not None and any(s <= 0 for s in self.std):
-            raise ModelError("--std values must be positive")
+            raise ModelError("`model.std` values must be positive")
 
 
 @dataclass
@@ -94,11 +94,11 @@ def _create(timm_name: str, kwargs: dict, pretrained: bool) -> nn.Module:
         with _hub_offline(pretrained):
             return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
     except TypeError as e:
-        raise ModelError(f"--model-kwargs do not fit {timm_name}: {e}") from None
+        raise ModelError(f"`model.kwargs` do not fit {timm_name}: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
             raise ModelError(f"cannot load pretrained weights for {timm_name} (offline and not in the hub "
-                             f"cache?): {str(e).splitlines()[0]}; pass --checkpoint FILE instead") from None
+                             f"cache?): {str(e).splitlines()[0]}; pass `model.checkpoint` FILE instead") from None
         raise ModelError(f"cannot build {timm_name} with kwargs {kwargs}: {str(e).splitlines()[0]}") from None
 
 
@@ -167,13 +167,13 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str) -> None:
         if key in state and state[key].shape != expected.shape:
             raise ModelError(f"checkpoint {source} does not fit the model: {key} has shape "
                              f"{tuple(state[key].shape)}, the model expects {tuple(expected.shape)}; check "
-                             "--model and --model-kwargs")
+                             "`model.name` and `model.kwargs`")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         first = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
         raise ModelError(f"checkpoint {source} does not fit the model: {first} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected); check --model and --model-kwargs")
+                         f"{len(unexpected)} unexpected); check `model.name` and `model.kwargs`")
     model.load_state_dict(state)
 
 
@@ -204,7 +204,7 @@ def resolve_data_config(model: nn.Module, cfg: ModelConfig, base: dict | None = 
         if len(dc[key]) == 1 and channels > 1:
             dc[key] = dc[key] * channels
         if len(dc[key]) != channels:
-            raise ModelError(f"--{key} has {len(dc[key])} values but the model takes {channels} channels")
+            raise ModelError(f"`model.{key}` has {len(dc[key])} values but the model takes {channels} channels")
     return dc
 
 

@@ -44,7 +44,7 @@ from maskaq_deploy.runtimes.bench import benchmark
 from maskaq_deploy.runtimes.compare import agreement, compare_logits
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
 from maskaq_deploy.sensitivity import METRIC, layer_sensitivity
-from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 export_run = export  # the name the package exports (maskaq_deploy.export is the exporter subpackage)
@@ -74,7 +74,7 @@ def _quantize(loaded: LoadedModel, cfg: CalibrateConfig):
     checks.keep_fp_patterns(cfg.keep_fp, [n for n, _ in qmodel.named_modules() if n and "_quantizer" not in n])
     if not info.quantized:
         raise UsageError(f"recipe {recipe.name} with keep_fp {list(cfg.keep_fp)} leaves no module quantized; "
-                         "narrow the --keep-fp patterns")
+                         "narrow the `keep_fp` patterns")
     return qmodel, recipe, info
 
 
@@ -105,12 +105,12 @@ def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig) -> tuple:
     qmodel, recipe, info = _quantize(loaded, cfg)
     real = None
     if cfg.needs_real_data:
-        spec = default_data(model_cfg.name, "calib", cfg.calib_data, "--calib-data")
-        real = load_image_set(spec, loaded.data_config, "--calib-data").subset(
+        spec = default_data(model_cfg.name, "calib", cfg.calib_data, "`calib_data`")
+        real = load_image_set(spec, loaded.data_config, "`calib_data`").subset(
             cfg.dfq_config().num_images, cfg.seed)
         if len(real) == 0:
-            raise DataError(f"--calib-data {spec} holds no images")
-        real.check_labels(checks.num_classes(loaded.model), "--calib-data")
+            raise DataError(f"`calib_data` {spec} holds no images")
+        real.check_labels(checks.num_classes(loaded.model), "`calib_data`")
     seconds["load"] = round(time.perf_counter() - t0, 3)
     return loaded, qmodel, recipe, info, real, seconds
 
@@ -325,7 +325,7 @@ def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ON
                          "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
         err.mirrored = True  # every rank refuses alike: reported once
         raise err
-    deploy.check_target(cfg.recipe, target)  # refuse before any work
+    deploy.check_target(cfg.recipe, target, float_dtype)  # refuse before any work
     with rundir.writing(out, force=force, resume=resume, command=command) as stage:  # replaces ``out`` on success
         result = _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
                              dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress,
@@ -371,9 +371,9 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
 
 def _check_val_data(model_cfg: ModelConfig, val_data: str | None, limit: int | None) -> None:
     loaded = load_model(model_cfg)
-    spec = default_data(model_cfg.name, "test", val_data, "--val-data")
-    images = load_image_set(spec, loaded.data_config, "--val-data").subset(limit)
-    images.check_labels(checks.num_classes(loaded.model), "--val-data")
+    spec = default_data(model_cfg.name, "test", val_data, "`val_data`")
+    images = load_image_set(spec, loaded.data_config, "`val_data`").subset(limit)
+    images.check_labels(checks.num_classes(loaded.model), "`val_data`")
 
 
 def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iterations: int = 30,

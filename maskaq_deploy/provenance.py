@@ -85,7 +85,7 @@ def check_artifact(path, run_dir, manifest: dict) -> None:
     """``path`` (an ONNX graph) was exported from the checkpoint in ``run_dir``."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--artifact {path} does not exist; give an exported .onnx or .engine, or leave it out "
+        raise UsageError(f"`artifact` {path} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
     meta = onnx_metadata(path) if path.suffix == ".onnx" else _read_record(path)
     if path.suffix != ".onnx" and not meta:  # e.g. built on the device by the bundle's trtexec script

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 

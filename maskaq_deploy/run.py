@@ -150,15 +150,15 @@ class Run:
 
     @cached_property
     def val_spec(self) -> str:
-        return default_data(self.model_config.name, "test", self.val_data, "--val-data")
+        return default_data(self.model_config.name, "test", self.val_data, "`val_data`")
 
     @cached_property
     def val_images(self) -> ImageSet:
         images = self._timed("verify_load", lambda: load_image_set(self.val_spec, self.manifest.data_config,
-                                                                   "--val-data").subset(self.limit))
+                                                                   "`val_data`").subset(self.limit))
         if images.labels is None or len(images) == 0:
-            raise DataError(f"--val-data {self.val_spec} holds no labelled images")
-        images.check_labels(checks.num_classes(self.quantized), "--val-data")
+            raise DataError(f"`val_data` {self.val_spec} holds no labelled images")
+        images.check_labels(checks.num_classes(self.quantized), "`val_data`")
         return images
 
     @cached_property

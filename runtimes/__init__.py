@@ -7,7 +7,8 @@ from maskaq_deploy.runtimes.bench import benchmark, benchmark_interleaved, time_
 from maskaq_deploy.runtimes.ort_backend import OrtBackend, available_providers
 from maskaq_deploy.runtimes.torch_backend import TorchBackend
 from maskaq_deploy.runtimes.tensorrt_backend import TensorRTBackend
-from maskaq_deploy.runtimes.registry import BACKENDS, ONNXRUNTIME, RUNTIMES, TENSORRT, TORCH, get_backend
+from maskaq_deploy.runtimes.registry import BACKENDS, get_backend
+from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, RUNTIMES, TARGETS, TENSORRT, TORCH, Runtime
 
 __all__ = [
     "Backend",
@@ -25,7 +26,10 @@ __all__ = [
     "TorchBackend",
     "TensorRTBackend",
     "BACKENDS",
+    "Runtime",
     "RUNTIMES",
+    "FLAVOURS",
+    "TARGETS",
     "TORCH",
     "ONNXRUNTIME",
     "TENSORRT",

@@ -1,7 +1,9 @@
-"""Typed errors of the runtime backends."""
+"""Typed errors of the runtime backends (under the project's root, maskaq_deploy.errors)."""
+
+from maskaq_deploy.errors import MaskAQDeployError
 
 
-class BackendError(Exception):
+class BackendError(MaskAQDeployError):
     """A backend cannot run what was asked (bad artifact, bad input)."""
 
 

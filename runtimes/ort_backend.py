@@ -27,6 +27,7 @@ import numpy as np
 
 from maskaq_deploy.runtimes.base import Backend
 from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class OrtBackend(Backend):
     kernels (None: only for graphs exported in the ``tensorrt`` flavour; see the module docstring).
     """
 
-    name = "onnxruntime"
+    name = ONNXRUNTIME
 
     def __init__(self, path, *, provider: str = "cpu", threads: int | None = None, optimization: str = "all",
                  int4_accuracy_level: int = 0, profile_prefix: str | None = None, exact_qdq: bool | None = None):
@@ -117,7 +118,7 @@ class OrtBackend(Backend):
         if self.threads is not None:
             so.intra_op_num_threads = self.threads
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.int4_accuracy_level))
-        exact = self.exact_qdq if self.exact_qdq is not None else exported_flavour(self.path) == "tensorrt"
+        exact = self.exact_qdq if self.exact_qdq is not None else exported_flavour(self.path) == TENSORRT
         if exact:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
         so.log_severity_level = 3  # warnings about hardware-specific optimizations are noise here

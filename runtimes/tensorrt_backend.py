@@ -20,6 +20,7 @@ import numpy as np
 
 from maskaq_deploy.runtimes.base import Backend
 from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.targets import TENSORRT
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _classorinstancemethod:
 
 
 class TensorRTBackend(Backend):
-    name = "tensorrt"
+    name = TENSORRT
 
     def __init__(self, engine_path, device: str = "cuda"):
         self.engine_path = Path(engine_path)

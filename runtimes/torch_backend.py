@@ -6,6 +6,7 @@ import numpy as np
 
 from maskaq_deploy.runtimes.base import Backend
 from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
+from maskaq_deploy.runtimes.targets import TORCH
 
 
 class TorchBackend(Backend):
@@ -15,7 +16,7 @@ class TorchBackend(Backend):
     ``max_batch`` splits large inputs into chunks, to bound memory.
     """
 
-    name = "torch"
+    name = TORCH
 
     def __init__(self, model, *, device: str = "cpu", threads: int | None = None, max_batch: int = 256):
         if threads is not None and threads < 1:

@@ -6,16 +6,15 @@ Gaussian noise, real images) through the same code.
                               data_config={"mean": ..., "std": ..., "input_size": (C, H, W)}, run_dir=RUN)
 """
 
-from maskaq_deploy.calib.dfq.config import (METHODS, PRESETS, CalibrationConfig, DFQConfig, FinetuneConfig,
+from maskaq_deploy.calib.dfq.config import (PRESETS, CalibrationConfig, DFQConfig, FinetuneConfig,
                                             MaskAQConfig, NoiseConfig, PSAQConfig, RealConfig, ReconstructionConfig,
                                             SynthesisConfig, load_dfq_toml, preset_values)
 from maskaq_deploy.calib.dfq.errors import DFQConfigError, ResumeError, SynthesisError
 from maskaq_deploy.calib.dfq.images import save_image_grid
 from maskaq_deploy.calib.dfq.methods import effective_config, run_calibration
-from maskaq_deploy.calib.dfq.sources import SOURCES, Source, register
+from maskaq_deploy.calib.dfq.sources import SOURCES, Source, method_names, register
 
 __all__ = [
-    "METHODS",
     "PRESETS",
     "SOURCES",
     "Source",
@@ -33,6 +32,7 @@ __all__ = [
     "SynthesisError",
     "effective_config",
     "load_dfq_toml",
+    "method_names",
     "preset_values",
     "register",
     "run_calibration",

@@ -40,7 +40,6 @@ from maskaq_deploy.calib.tomlfile import read_toml
 
 DFQ_CONFIG_VERSION = 2  # 2: nested parts; 1: one flat table (read, mapped onto the parts)
 READABLE_VERSIONS = (1, 2)
-METHODS = ("maskaq", "psaq", "noise", "real")  # the built-in sources, registered in calib.dfq.sources
 AUTOCAST_MODES = ("auto", "off", "bf16")
 PAPER_TV = 2.5e-5  # the published weight of the total-variation image prior
 # removed fields, with the one value they could hold: configs of earlier versions that carry them still load

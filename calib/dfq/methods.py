@@ -37,7 +37,7 @@ from maskaq_deploy.calib.dfq.finetune import finetune_epoch, holdout_kl, make_op
 from maskaq_deploy.calib.dfq.models import make_teacher, token_layout
 from maskaq_deploy.calib.dfq.reconstruct import reconstruct, reconstruction_units
 from maskaq_deploy.calib.dfq.run_context import RunContext, batches
-from maskaq_deploy.calib.dfq.sources import make_source
+from maskaq_deploy.calib.dfq.sources import data_free_methods, make_source
 from maskaq_deploy.calib.dfq.state import RunState, model_fingerprint
 from maskaq_deploy.calib.dfq.workers import resolve_workers
 from maskaq_deploy.calib.quantize import iter_quantizers
@@ -104,7 +104,7 @@ def run_calibration(fp_model: nn.Module, q_model: nn.Module, *, method: str, con
     source = make_source(method)
     if source.needs_real_images and (real_images is None or len(real_images) == 0):
         raise DFQConfigError(f"method {method!r} needs real images (normalized [N, C, H, W]); pass real_images, "
-                             "or choose a data-free method (maskaq, psaq, noise)")
+                             f"or choose a data-free method ({', '.join(data_free_methods())})")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DFQConfigError("device 'cuda' was requested but torch sees no CUDA device; use device='cpu'")
     dist = dist or distributed.setup(device)
@@ -246,7 +246,7 @@ class _Judge:
         if resumed:
             saved = self.ctx.state.load_tensors("holdout")
             if saved is None:
-                raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without --resume")
+                raise ResumeError("the fine-tune's held-out images are missing from the run; rerun without `resume`")
             self.images = saved["images"]
         else:
             self.images = first_set[-round(first_set.shape[0] * self.ctx.cfg.finetune.holdout):].float()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from maskaq_deploy.calib.errors import UnsupportedModelError
+from maskaq_deploy.calib.families import SWIN, family_of
 from maskaq_deploy.calib.quantize import attention_modules, set_quantizers_enabled
 
 
@@ -37,16 +38,12 @@ class TokenLayout:
 
 
 def token_layout(model: nn.Module) -> TokenLayout:
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    # Works on the float and on the quantized model (whose attention classes are replaced).
-    if isinstance(model, SwinTransformer):
-        return TokenLayout("swin", 0, False, 0, None, True)
-    if not isinstance(model, VisionTransformer):
+    family = family_of(model)  # the float or the quantized model: the model class is the same
+    if family == SWIN:
+        return TokenLayout(SWIN, 0, False, 0, None, True)
+    if family is None:
         raise UnsupportedModelError(f"data-free calibration supports timm ViT / DeiT / Swin models, "
                                     f"not {type(model).__name__}")
-    family = "deit_distilled" if type(model).__name__ == "VisionTransformerDistilled" else "vit"
     pe = getattr(model, "patch_embed", None)
     grid = tuple(int(g) for g in pe.grid_size) if pe is not None and getattr(pe, "grid_size", None) else None
     num_patches = int(pe.num_patches) if pe is not None else 0

@@ -40,6 +40,7 @@ from torch import nn
 from maskaq_deploy.calib.dfq.config import DFQConfig
 from maskaq_deploy.calib.dfq.models import Capture, token_layout
 from maskaq_deploy.calib.dfq.state import derive_seed
+from maskaq_deploy.calib.families import DEIT_DISTILLED
 
 QUANTIZER_KEY = "_quantizer."
 
@@ -151,7 +152,7 @@ def readout_importance(teacher: nn.Module, images: torch.Tensor, batch_size: int
             attn = [(lg.float() * m.scale).softmax(-1).mean(1) for lg, m in zip(cap.logits(), cap.mods)]
             b, t = attn[0].shape[0], attn[0].shape[-1]
             readout = torch.zeros(b, t, device=attn[0].device)
-            if layout.family == "deit_distilled":  # the mean of the class and distillation heads
+            if layout.family == DEIT_DISTILLED:  # the mean of the class and distillation heads
                 readout[:, :2] = 0.5
             elif pool == "token" and layout.num_prefix > 0:
                 readout[:, 0] = 1.0

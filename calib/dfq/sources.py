@@ -7,7 +7,7 @@ calibration / training set of a round -- and its stages, as flags the driver rea
 * ``finetunes``: end-to-end distillation fine-tuning (``epochs`` > 0);
 * ``refreshes``: the set is re-made with the current Q every ``refresh_every`` epochs.
 
-Registered sources (``SOURCES``, the names ``--method`` accepts):
+Registered sources (``SOURCES``; their names are the calibration methods, ``method_names()``):
 
 * ``maskaq``: MaskAQ synthesis (P and Q in the loop); every stage.
 * ``psaq``: PSAQ-ViT synthesis (Q not used); calibration only, as published.
@@ -15,7 +15,8 @@ Registered sources (``SOURCES``, the names ``--method`` accepts):
 * ``real``: the caller's images (a seeded subset of ``num_images``); reconstruction and fine-tuning when the
   config has them, never a refresh (there is nothing to re-synthesize).
 
-A new source is a subclass registered with ``@register``; the driver needs no change.
+A new source is a subclass registered with ``@register``; the driver and the config validation need no change
+(both read the registry when they run).
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def register(cls: type[Source]) -> type[Source]:
     return cls
 
 
+def method_names() -> tuple[str, ...]:
+    """The calibration methods: every registered source's name, read now (a source registered later counts)."""
+    return tuple(SOURCES)
+
+
+def data_free_methods() -> tuple[str, ...]:
+    """The methods that need no real images."""
+    return tuple(name for name, cls in SOURCES.items() if not cls.needs_real_images)
+
+
 def make_source(method: str) -> Source:
     try:
         return SOURCES[method]()
@@ -81,34 +92,6 @@ def make_source(method: str) -> Source:
 def _keep_grid(ctx: RunContext, images: torch.Tensor, name: str) -> None:
     if ctx.save_images and ctx.dist.is_main:
         ctx.record.images.append(str(save_image_grid(images, ctx.state.root / name, ctx.mean, ctx.std)))
-
-
-@register
-class NoiseSource(Source):
-    name = "noise"
-
-    def images(self, ctx, rnd):
-        g = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "noise"))
-        imgs = torch.randn((ctx.cfg.num_images, *ctx.input_size), generator=g)
-        _keep_grid(ctx, imgs, "images_noise.png")
-        return imgs, None
-
-
-@register
-class RealSource(Source):
-    name = "real"
-    reconstructs = "real.reconstruct"  # the reference stays calibration-only (+ fine-tune) unless recon_real is set
-    finetunes = True
-    needs_real_images = True
-
-    def images(self, ctx, rnd):
-        g = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "real"))
-        n = min(ctx.cfg.num_images, ctx.real_images.shape[0])
-        idx = torch.randperm(ctx.real_images.shape[0], generator=g)[:n]
-        imgs = ctx.real_images[idx].float()
-        lbls = ctx.real_labels[idx].long() if ctx.real_labels is not None else None
-        _keep_grid(ctx, imgs, "images_real.png")
-        return imgs, lbls
 
 
 class _Synthesized(Source):
@@ -140,3 +123,30 @@ class MaskAQSource(_Synthesized):
 class PSAQSource(_Synthesized):
     name = "psaq"
 
+
+@register
+class NoiseSource(Source):
+    name = "noise"
+
+    def images(self, ctx, rnd):
+        g = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "noise"))
+        imgs = torch.randn((ctx.cfg.num_images, *ctx.input_size), generator=g)
+        _keep_grid(ctx, imgs, "images_noise.png")
+        return imgs, None
+
+
+@register
+class RealSource(Source):
+    name = "real"
+    reconstructs = "real.reconstruct"  # the reference stays calibration-only (+ fine-tune) unless recon_real is set
+    finetunes = True
+    needs_real_images = True
+
+    def images(self, ctx, rnd):
+        g = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, "real"))
+        n = min(ctx.cfg.num_images, ctx.real_images.shape[0])
+        idx = torch.randperm(ctx.real_images.shape[0], generator=g)[:n]
+        imgs = ctx.real_images[idx].float()
+        lbls = ctx.real_labels[idx].long() if ctx.real_labels is not None else None
+        _keep_grid(ctx, imgs, "images_real.png")
+        return imgs, lbls

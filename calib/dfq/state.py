@@ -86,13 +86,13 @@ class RunState:
             try:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
-                raise ResumeError(f"{meta_path} is corrupt ({e}); rerun without --resume to start over") from None
+                raise ResumeError(f"{meta_path} is corrupt ({e}); rerun without `resume` to start over") from None
             fingerprint = self.fingerprint
             if meta.get("fingerprint") != fingerprint:
                 diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
                               if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
                 raise ResumeError(f"{self.root} holds a run with a different {', '.join(diff)}; rerun without "
-                                  "--resume to start over, or resume with the original settings")
+                                  "`resume` to start over, or resume with the original settings")
             return meta, True
         if self.root.exists():
             shutil.rmtree(self.root)
@@ -164,7 +164,7 @@ class RunState:
                 info = json.loads((f.metadata() or {}).get("info", "{}"))
             return load_file(str(path)), info
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise ResumeError(f"cannot read {path} ({e}); rerun without --resume to start over") from None
+            raise ResumeError(f"cannot read {path} ({e}); rerun without `resume` to start over") from None
 
     # --- model / optimizer states
     def save_model(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -206,7 +206,7 @@ class RunState:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ResumeError(f"{path} does not fit the model ({str(e).splitlines()[0]}); "
-                              "rerun without --resume to start over") from None
+                              "rerun without `resume` to start over") from None
         if optimizer is not None:
             opt_state: dict = {}
             for k, v in tensors.items():

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from maskaq_deploy.calib.dfq.errors import DFQConfigError, SynthesisError
+from maskaq_deploy.errors import MaskAQDeployError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number
 _TASK: dict[str, Callable] = {}
 
 
-class WorkersUnavailable(Exception):
+class WorkersUnavailable(MaskAQDeployError):
     """Forked workers cannot run autograd in this process: something here (e.g. an ONNX export of a quantized
     model) started autograd's device threads before the fork. The caller makes the batches itself instead."""
 
@@ -219,7 +220,7 @@ def make_in_workers(make: Callable, batches: list[int], workers: int,
                 idle_after_exit = idle_after_exit + 1 if _all_exited(procs) else 0
                 if idle_after_exit > 1:
                     raise SynthesisError("the synthesis workers stopped before every batch was made; rerun "
-                                         "with --resume") from None
+                                         "with `resume`") from None
                 continue
             if kind == "log":
                 on_log(b, *payload)
@@ -246,6 +247,6 @@ def _all_exited(procs) -> bool:
     dead = [p for p in procs if p.exitcode not in (None, 0)]
     if dead:
         raise SynthesisError(f"a synthesis worker process died (exit code {dead[0].exitcode}: killed, or out of "
-                             "memory?); rerun with --resume to continue from the saved batches, or set "
+                             "memory?); rerun with `resume` to continue from the saved batches, or set "
                              "OMP_NUM_THREADS=1 to synthesize in one process")
     return all(p.exitcode == 0 for p in procs)

@@ -151,7 +151,7 @@ def test_records_round_trip_and_keep_unknown_keys(random_run):
 def test_an_unknown_backend_is_one_line_listing_the_known_ones():
     with pytest.raises(BackendError) as e:
         get_backend("openvino")
-    assert str(e.value) == "unknown runtime 'openvino'; available: torch, onnxruntime, tensorrt"
+    assert str(e.value) == "unknown runtime 'openvino'; choose one of torch, onnxruntime, tensorrt"
 
 
 def test_a_run_directory_with_a_sparser_manifest_still_verifies(random_run, tmp_path):

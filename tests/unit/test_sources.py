@@ -9,8 +9,8 @@ import timm
 import torch
 
 from maskaq_deploy.calib import RECIPES, attach_quantizers
-from maskaq_deploy.calib.dfq import (METHODS, SOURCES, DFQConfig, Source, effective_config, load_dfq_toml, register,
-                                     run_calibration)
+from maskaq_deploy.calib.dfq import (SOURCES, DFQConfig, Source, effective_config, load_dfq_toml, method_names,
+                                     register, run_calibration)
 from maskaq_deploy.calib.dfq.config import FinetuneConfig, RealConfig, ReconstructionConfig, SynthesisConfig
 from maskaq_deploy.calib.dfq.errors import DFQConfigError
 
@@ -21,7 +21,27 @@ ALL_STAGES = DFQConfig(finetune=FinetuneConfig(epochs=2, refresh_every=1), recon
 
 
 def test_the_four_built_in_methods_are_registered():
-    assert set(SOURCES) == set(METHODS) == {"maskaq", "psaq", "noise", "real"}
+    assert set(SOURCES) == set(method_names()) == {"maskaq", "psaq", "noise", "real"}
+
+
+def test_registering_a_source_is_all_it_takes_for_the_config_to_accept_it():
+    from maskaq_deploy.config import CalibrateConfig
+    from maskaq_deploy.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown --method 'stripes'; choose one of maskaq, psaq, noise, real"):
+        CalibrateConfig(method="stripes")
+
+    @register
+    class Stripes(Source):
+        name = "stripes"
+
+    try:
+        assert CalibrateConfig(method="stripes").method == "stripes"
+        assert method_names()[-1] == "stripes"
+    finally:
+        SOURCES.pop("stripes")
+    with pytest.raises(UsageError):
+        CalibrateConfig(method="stripes")
 
 
 @pytest.mark.parametrize("method,stages", [("maskaq", (2, 1, 5)), ("real", (2, 0, 0)), ("psaq", (0, 0, 0)),

@@ -73,7 +73,7 @@ def killed_on_one(b, on_log):
 
 
 def test_a_worker_that_dies_raises_a_one_line_synthesis_error():
-    with pytest.raises(SynthesisError, match=r"worker process died \(exit code -9.*--resume"):
+    with pytest.raises(SynthesisError, match=r"worker process died \(exit code -9.*`resume`"):
         workers.make_in_workers(killed_on_one, [0, 1, 2, 3], 2, lambda *a: None, lambda *a: None)
 
 

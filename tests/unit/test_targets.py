@@ -1,9 +1,17 @@
-"""The target / recipe matrix: what TensorRT refuses, why, and what it suggests instead."""
+"""The target / recipe matrix: what TensorRT refuses, why, and what it suggests instead; and the one definition
+of the runtime / flavour / target names that the CLI's choices and every refusal are generated from."""
 
+import json
+
+import click
 import pytest
 
 from maskaq_deploy.calib.recipes import RECIPES, Recipe, load_recipe_toml
+from maskaq_deploy.cli import cli, with_flags
 from maskaq_deploy.export.errors import ExportError
+from maskaq_deploy.export.registry import get_flavour
+from maskaq_deploy.runtimes.registry import BACKENDS, get_backend
+from maskaq_deploy.runtimes.targets import FLAVOURS, RUNTIMES, Runtime, names
 from maskaq_deploy.export.targets import (
     TARGETS,
     RecipeTargetError,
@@ -35,7 +43,8 @@ def test_tensorrt_refuses_with_recipe_reason_and_alternatives(name, reason):
     assert f"recipe {name!r} cannot run on target 'tensorrt'" in msg
     assert reason in msg
     assert "recipes that work there: w8a8, fp8, w4a16" in msg
-    assert "--target onnxruntime" in msg
+    assert "(or use `target` onnxruntime, which runs every recipe)" in msg  # the library names the setting
+    assert "(or use --target onnxruntime, which runs every recipe)" in with_flags(msg)  # the CLI, its flag
     assert "\n" not in msg
 
 
@@ -67,9 +76,49 @@ def test_custom_toml_recipe_is_refused_by_name(tmp_path):
 
 
 def test_unknown_target_names_the_known_ones():
-    with pytest.raises(RecipeTargetError, match="unknown target 'openvino'; choose one of tensorrt, onnxruntime"):
+    with pytest.raises(RecipeTargetError,
+                       match="unknown target 'openvino'; choose one of onnxruntime, tensorrt, torch"):
         check_recipe_for_target(RECIPES["w8a8"], "openvino")
     with pytest.raises(RecipeTargetError):
         supported_recipes("tflite")
-    assert TARGETS == ("tensorrt", "onnxruntime")
+    assert TARGETS == ("onnxruntime", "tensorrt", "torch")
+    assert supported_recipes("torch") == list(RECIPES)  # the fake-quant model runs every grid
     assert issubclass(RecipeTargetError, ValueError) and issubclass(RecipeTargetError, ExportError)
+
+
+def _choices(command: str, option: str) -> list[str]:
+    param = next(p for p in cli.commands[command].params if p.name == option)
+    assert isinstance(param.type, click.Choice)
+    return list(param.type.choices)
+
+
+def test_names_are_defined_once_and_read_everywhere():
+    """The CLI's choices, the backends, the export flavours and the recipe matrix all read runtimes.targets."""
+    assert [m.value for m in Runtime] == ["torch", "onnxruntime", "tensorrt"]
+    assert _choices("verify", "runtime") == names(RUNTIMES) == list(BACKENDS)
+    assert _choices("export", "flavour") == names(FLAVOURS) == ["onnxruntime", "tensorrt"]
+    assert _choices("build", "target") == names(TARGETS) == ["onnxruntime", "tensorrt", "torch"]
+    assert all(get_flavour(f).name == f for f in FLAVOURS)
+    assert all(get_backend(r).name == r for r in RUNTIMES)
+
+
+def test_a_name_reads_as_its_plain_string():
+    """Members go into messages, manifests, ONNX metadata and report keys: they must read as the plain name."""
+    t = Runtime.TENSORRT
+    assert t == "tensorrt" and {t: 1}["tensorrt"] == 1
+    assert (str(t), f"{t}", repr(t), json.dumps({t: t})) == ("tensorrt", "tensorrt", "'tensorrt'",
+                                                             '{"tensorrt": "tensorrt"}')
+
+
+@pytest.mark.parametrize("refuse, kind, line", [
+    (lambda: get_flavour("tflite"), ExportError,
+     "unknown export flavour 'tflite'; choose one of onnxruntime, tensorrt"),
+    (lambda: get_backend("openvino"), ValueError,
+     "unknown runtime 'openvino'; choose one of torch, onnxruntime, tensorrt"),
+    (lambda: supported_recipes("openvino"), RecipeTargetError,
+     "unknown target 'openvino'; choose one of onnxruntime, tensorrt, torch"),
+])
+def test_every_refusal_of_an_unknown_name_lists_the_defined_ones(refuse, kind, line):
+    with pytest.raises(kind) as e:
+        refuse()
+    assert str(e.value) == line

@@ -18,7 +18,7 @@ where settings are chosen; the test split only reports).
 Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images); ``maskaq-fast`` is the
 preset as it is now (synthesis, calibration, block-wise reconstruction), ``maskaq-calib`` the same images with
 calibration only (the method before reconstruction); ``real`` calibrates on 256 real training images from
-``mnist_calib.npz`` with no training stage (the issue's reference), ``real-recon`` adds the same reconstruction.
+``mnist_calib.npz`` with no training stage (the reference), ``real-recon`` adds the same reconstruction.
 (``standard`` has ``fast``'s values, so it has no column.) ``--ablation`` adds maskaq-fast variants (a synthesis
 loss term off, reconstruction settings, the guarded fine-tune that ``standard`` used to add, with and without
 its guard).
@@ -85,7 +85,7 @@ ABLATIONS = {
     "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0, **UNFOCUSED}),
     "recon-100": ("maskaq", "fast", {"recon_iters": 100, **UNFOCUSED}),
     "recon-200": ("maskaq", "fast", {"recon_iters": 200, **UNFOCUSED}),
-    "recon-300": ("maskaq", "fast", {"recon_iters": 300, **UNFOCUSED}),  # fast two releases ago
+    "recon-300": ("maskaq", "fast", {"recon_iters": 300, **UNFOCUSED}),  # fast before 200 steps and the focus
     "recon-600": ("maskaq", "fast", {"recon_iters": 600, **UNFOCUSED}),
     "recon-wlr-1e-3": ("maskaq", "fast", {"recon_weight_lr": 1e-3, **UNFOCUSED}),
     "recon-100-cutmix-1": ("maskaq", "fast", {"recon_iters": 100, "recon_cutmix": 1.0, **UNFOCUSED}),

@@ -18,14 +18,16 @@ where settings are chosen; the test split only reports).
 Methods (columns): noise, psaq and maskaq-fast use the ``fast`` preset (256 images); ``maskaq-fast`` is the
 preset as it is now (synthesis, calibration, block-wise reconstruction), ``maskaq-calib`` the same images with
 calibration only (the method before reconstruction); ``real`` calibrates on 256 real training images from
-``mnist_calib.npz`` with no training stage (the issue's reference), ``real-recon`` adds the same reconstruction.
+``mnist_calib.npz`` with no training stage (the reference), ``real-recon`` adds the same reconstruction.
 (``standard`` has ``fast``'s values, so it has no column.) ``--ablation`` adds maskaq-fast variants (a synthesis
 loss term off, reconstruction settings, the guarded fine-tune that ``standard`` used to add, with and without
 its guard).
 Synthesized batches that do not depend on what follows them (PSAQ; MaskAQ's first round, whose Q is the same
 noise-calibrated model for every preset) are kept on disk keyed by everything they depend on and reused, so
 maskaq-fast and maskaq-calib share their images.
-Every finished (model, recipe, method, seed) is saved at once into the JSON (``--out``). Several processes may
+Every finished (model, recipe, method, seed) is saved at once into the JSON (``--out``), with the cells (mean and
+std over seeds) recomputed from the runs; ``--out benchmarks/results/dfq_accuracy.json`` replaces the committed
+cells that docs/results.md is made from (``python scripts/render_docs.py`` then rewrites it). Several processes may
 share it (start the same command twice to use two cores): each claims the next job nobody runs; a rerun
 skips what is there and resumes an interrupted run from its checkpoint in ``--workdir``.
 Cells are mean +- std over seeds of top-1 (%) and the mean calibration wall time; a second table gives the
@@ -41,12 +43,12 @@ import fcntl
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import result_tables
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +85,7 @@ ABLATIONS = {
     "recon-no-drop": ("maskaq", "fast", {"recon_drop": 0.0, **UNFOCUSED}),
     "recon-100": ("maskaq", "fast", {"recon_iters": 100, **UNFOCUSED}),
     "recon-200": ("maskaq", "fast", {"recon_iters": 200, **UNFOCUSED}),
-    "recon-300": ("maskaq", "fast", {"recon_iters": 300, **UNFOCUSED}),  # fast two releases ago
+    "recon-300": ("maskaq", "fast", {"recon_iters": 300, **UNFOCUSED}),  # fast before 200 steps and the focus
     "recon-600": ("maskaq", "fast", {"recon_iters": 600, **UNFOCUSED}),
     "recon-wlr-1e-3": ("maskaq", "fast", {"recon_weight_lr": 1e-3, **UNFOCUSED}),
     "recon-100-cutmix-1": ("maskaq", "fast", {"recon_iters": 100, "recon_cutmix": 1.0, **UNFOCUSED}),
@@ -194,8 +196,10 @@ def save_result(path: Path, key: str, value: dict, meta: dict) -> None:
         fp = {**(old.get("fp_top1") if isinstance(old.get("fp_top1"), dict) else {}), **meta.get("fp_top1", {})}
         old.update(meta)
         old["fp_top1"] = fp
-        res["runs"][key] = value
+        command = "python benchmarks/dfq_accuracy.py " + " ".join(sys.argv[1:])
+        res["runs"][key] = {**value, "command": command}
         res.get("claims", {}).pop(key, None)
+        result_tables.refresh_dfq(res, command)
         atomic_write_json(path, res)
 
 
@@ -339,102 +343,24 @@ def run_one(model: str, name: str, spec, recipe: str, seed: int, args, fp, data,
             "curves": summary["curves"], "config": summary["config"]}
 
 
-def fmt_cell(rows: list[dict], bold: bool = False) -> str:
-    if not rows:
-        return "not measured"
-    accs = [r["top1"] for r in rows]
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    # time only runs that did all their work (a resumed run's clock started at the resume)
-    timed = [r for r in rows if not r.get("resumed")]
-    secs = f"{statistics.mean(r['seconds'] for r in timed):.0f} s" if timed else "resumed"
-    n = f", n={len(rows)}" if len(rows) < 3 else ""
-    acc = f"{statistics.mean(accs):.2f}"
-    return f"{'**' + acc + '**' if bold else acc} ± {sd:.2f} ({secs}{n})"
-
-
-def _mean(rows, model, recipe, method):
-    accs = [r["top1"] for r in rows if (r["model"], r["recipe"], r["method"]) == (model, recipe, method)]
-    return (statistics.mean(accs), len(accs)) if accs else (None, 0)
-
-
-TARGETS = {  # recipe: (what the issue asks of the data-free method, test on (data-free, real, psaq, FP) means)
-    "w8a8": ("drop <= 0.10 (torch)", lambda d, r, p, fp: fp is not None and fp - d <= 0.10 + 1e-9),
-    "w4a8": ("within 0.10 of real", lambda d, r, p, fp: r is not None and d >= r - 0.10 - 1e-9),
-    "w4a4": (">= real", lambda d, r, p, fp: r is not None and d >= r),
-    "w3a3": (">= real and >= psaq + 2", lambda d, r, p, fp: r is not None and p is not None and d >= r and d >= p + 2),
-}
-
-
 def print_tables(res: dict) -> None:
-    runs = [{"model": "embedded", **r} for r in res.get("runs", {}).values()]
-    main = [r for r in runs if r["method"] in METHODS]
-    recipe_tables(main, res.get("meta", {}), list(METHODS))
-    target_table(main, res.get("meta", {}))
-    ablation = [r for r in runs if r["method"] in ABLATIONS]
-    if ablation:
-        seeds = sorted({r["seed"] for r in ablation})
-        print(f"\nAblation (seeds {seeds})")
-        recipe_tables([r for r in runs if r["seed"] in seeds and r["recipe"] in {a["recipe"] for a in ablation}],
-                      res.get("meta", {}), list(ABLATION_COLUMNS))
-    cpu_table(main)
-
-
-def recipe_tables(runs: list[dict], meta: dict, methods: list[str]) -> None:
-    fp = meta.get("fp_top1", {})
-    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
-    print(f"\nTop-1 (%) on {meta.get('eval_images', meta.get('test_images', '?'))} {meta.get('split', 'test')} "
-          f"images, mean ± std over seeds (calibration wall time, {meta.get('threads', '?')} thread(s))")
-    present = [c for c in methods if any(r["method"] == c for r in runs)]
+    """The tables of ``res``'s cells (mean and std over seeds), as docs/results.md shows them."""
+    meta = res.get("meta", {})
+    cells = res.get("cells", {})
+    print(f"\nTop-1 (%) on {meta.get('eval_images', '?')} {meta.get('split', 'test')} images, mean ± std over seeds "
+          f"(calibration wall time, {meta.get('threads', '?')} thread(s))")
+    main_methods = [m for m in METHODS if any(c["method"] == m for c in cells.values())]
     for recipe in RECIPES:
-        rows = [r for r in runs if r["recipe"] == recipe]
-        if not rows:
-            continue
-        print(f"\n{recipe}\n")
-        print("| model | FP | " + " | ".join(present) + " |")
-        print("|---|---|" + "---|" * len(present))
-        for model in models:
-            means = {c: _mean(rows, model, recipe, c)[0] for c in present}
-            best = max((v for v in means.values() if v is not None), default=None)
-            cells = [fmt_cell([r for r in rows if r["model"] == model and r["method"] == c],
-                              bold=means[c] is not None and means[c] == best) for c in present]
-            print(f"| {model} | {fp.get(model, '?') if isinstance(fp, dict) else fp} | " + " | ".join(cells) + " |")
-
-
-def target_table(runs: list[dict], meta: dict) -> None:
-    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
-    fp_top1 = meta.get("fp_top1", {}) if isinstance(meta.get("fp_top1"), dict) else {}
-    print("\nTargets (data-free = maskaq-fast against real = calibration only; means over the seeds run)\n")
-    print("| model | recipe | target | data-free | real | psaq | verdict |")
-    print("|---|---|---|---|---|---|---|")
-    for model in models:
-        for recipe, (what, ok) in TARGETS.items():
-            (d, n), (r, _), (p, _) = (_mean(runs, model, recipe, m) for m in ("maskaq-fast", "real", "psaq"))
-            if d is None:
-                verdict, d_s = "not measured", "-"
-            else:
-                verdict = ("met" if ok(d, r, p, fp_top1.get(model)) else "missed") + (f" (n={n})" if n < 3 else "")
-                # a reference that is missing leaves the verdict open, unless a measured one already fails it
-                if recipe != "w8a8" and (r is None or (recipe == "w3a3" and p is None and d >= r)):
-                    verdict = "not measured (reference missing)"
-                d_s = f"{d:.2f}"
-            print(f"| {model} | {recipe} | {what} | {d_s} | {'-' if r is None else f'{r:.2f}'} | "
-                  f"{'-' if p is None else f'{p:.2f}'} | {verdict} |")
-
-
-def cpu_table(runs: list[dict]) -> None:
-    models = [m for m in model_names() if any(r["model"] == m for r in runs)]
-    present = [c for c in METHODS if any(r["method"] == c for r in runs)]
-    cpu = {}
-    for r in runs:
-        if "cpu_seconds" in r and not r.get("resumed"):
-            cpu.setdefault((r["model"], r["method"]), []).append(r["cpu_seconds"])
-    if cpu:
-        print("\nMean CPU seconds per calibration (over recipes and seeds)\n")
-        print("| model | " + " | ".join(present) + " |")
-        print("|---|" + "---|" * len(present))
-        for model in models:
-            print(f"| {model} | " + " | ".join(f"{statistics.mean(cpu[(model, c)]):.0f}" if (model, c) in cpu
-                                              else "-" for c in present) + " |")
+        if any(c["recipe"] == recipe and c["method"] in METHODS for c in cells.values()):
+            print(f"\n{recipe}\n\n" + result_tables.dfq_recipe_table(res, recipe, main_methods), end="")
+    print("\nData-free (maskaq-fast) against real and psaq\n\n" + result_tables.dfq_comparison_table(res), end="")
+    ablation = [m for m in ABLATION_COLUMNS if any(c["method"] == m for c in cells.values())]
+    for recipe in RECIPES:
+        if any(c["recipe"] == recipe and c["method"] in ablation for c in cells.values()):
+            print(f"\nAblation, {recipe}\n\n" + result_tables.dfq_recipe_table(res, recipe, ablation), end="")
+    if res.get("cpu_seconds"):
+        print("\nMean CPU seconds per calibration (over recipes and seeds)\n\n"
+              + result_tables.dfq_cpu_table(res, main_methods), end="")
 
 
 def main():
@@ -450,7 +376,8 @@ def main():
                     help="evaluate on the 10k test images (report) or the 10k valid split (choose settings)")
     ap.add_argument("--mnist", default=None, help="mnist/data/mnist.pkl.gz (needed by --split valid)")
     ap.add_argument("--quick", action="store_true", help="tiny settings and 2000 test images (checks the script)")
-    ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_valid][_quick].json)")
+    ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_valid][_quick].json; "
+                    "benchmarks/results/dfq_accuracy.json replaces the figures docs/results.md is made from)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "dfq_accuracy"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     ap.add_argument("--reuse", action="store_true", help="keep runs and graphs already in --work")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the table into this results file (benchmarks/results/peer_modelopt.json: "
+                         "replaces the figures docs/results.md shows)")
     ap.add_argument("--modelopt-quantize", nargs=4, metavar=("MODE", "ONNX", "CALIB_NPZ", "OUT"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -144,14 +148,32 @@ def main(argv=None) -> int:
     print("| graph | onnxruntime top-1 | agreement vs FP | logit SQNR vs FP | TensorRT-rule findings | Q / DQ nodes "
           "| file size |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for name, path in graphs.items():
         out = ref if name == "float" else logits_of(path, images, args.threads)
         m = compare_logits(ref, out)
         d = describe(path)
         rules = f" ({', '.join(d['rules'])})" if d["rules"] else ""
         sq = "-" if name == "float" else f"{m['sqnr_db']:.1f} dB"
-        print(f"| {name} | {100 * float((out.argmax(1) == labels).mean()):.2f} | {100 * m['top1_agreement']:.2f}% "
+        top1 = 100 * float((out.argmax(1) == labels).mean())
+        print(f"| {name} | {top1:.2f} | {100 * m['top1_agreement']:.2f}% "
               f"| {sq} | {d['findings']}{rules} | {d['q']} / {d['dq']} | {d['mb']:.2f} MB |")
+        rows.append({"graph": name, "onnxruntime_top1": round(top1, 2),
+                     "agreement": round(100 * m["top1_agreement"], 2),
+                     "sqnr_db": None if name == "float" else round(m["sqnr_db"], 1), "findings": d["findings"],
+                     "rules": list(d["rules"]), "q": d["q"], "dq": d["dq"], "mb": round(d["mb"], 2)})
+    if args.json:
+        import platform
+
+        import result_tables
+
+        res = {"benchmark": "peer_modelopt", "source": {}, "machine":
+               f"{os.cpu_count()}-core {platform.machine()} CPU; onnxruntime {onnxruntime.__version__} on the CPU "
+               f"({args.threads} thread(s)), nvidia-modelopt {version}, torch {torch.__version__}",
+               "meta": {"model": "embedded", "eval_images": len(images), "threads": args.threads,
+                        "onnxruntime": onnxruntime.__version__, "modelopt": version, "torch": torch.__version__}}
+        result_tables.merge_rows(res, rows, ("graph",), "python benchmarks/peer_modelopt.py " + " ".join(sys.argv[1:]))
+        result_tables.write_atomic(Path(args.json), res)
     return 0
 
 

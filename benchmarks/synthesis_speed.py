@@ -193,6 +193,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--recipe", default="w4a4")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the rows into this results file (benchmarks/results/synthesis_speed.json: "
+                         "replaces the rows of the same step, threads and autocast that docs/results.md shows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -214,6 +217,39 @@ def main():
         print(f"{r['step']:<26} {r['autocast']:>8} {r['s_per_step']:>9.4f} {r['cpu_s']:>8.3f} {r['img_it_s']:>9.2f} "
               f"{ratio:>7} "
               f"{r['peak_gib']:>9}")
+        r["threads"] = args.threads
+        if comparable:
+            r["vs_reference"] = round(r["img_it_s"] / ref, 3)
+    if args.json:
+        write_json(args, rows, device)
+
+
+def write_json(args, rows: list[dict], device: torch.device) -> None:
+    """Merge ``rows`` into the results file ``args.json`` (a file measured with other settings starts over)."""
+    import platform
+    import sys
+    from pathlib import Path
+
+    import result_tables
+
+    path = Path(args.json)
+    meta = {"model": args.model, "batch": args.batch, "recipe": args.recipe, "device": args.device,
+            "reference_s_per_step": {str(t): {k: round(8 / v, 2) for k, v in ref.items()}
+                                     for t, ref in REFERENCE.items()}}
+    res = result_tables.load(path) if path.is_file() else {}
+    if any(res.get("meta", {}).get(k) != meta[k] for k in ("model", "batch", "recipe", "device")):
+        res = {}
+    res.update(benchmark="synthesis_speed", meta=meta)
+    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    machine = f"{os.cpu_count()}-core {platform.machine()} CPU{gpu} (torch {torch.__version__})"
+    keep = [{k: v for k, v in r.items() if k in ("step", "threads", "autocast", "s_per_step", "cpu_s", "img_it_s",
+                                                  "vs_reference", "peak_gib")} for r in rows]
+    if result_tables.merge_rows(res, keep, ("step", "threads", "autocast"),
+                                "python benchmarks/synthesis_speed.py " + " ".join(sys.argv[1:])):
+        res["machine"] = machine
+    else:  # rows measured elsewhere remain: say where the new ones ran
+        res["machine"] = f"{res.get('machine', 'not recorded')}; the rows of {sys.argv[1:]}: {machine}"
+    result_tables.write_atomic(path, res)
 
 
 if __name__ == "__main__":

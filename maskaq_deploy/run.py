@@ -3,7 +3,8 @@
     run = Run("runs/w8a8", val_data="embedded:test")
     run.manifest        # Manifest, read once
     run.quantized       # the fake-quant model, loaded once from model.safetensors + quant.safetensors
-    run.fp_model        # the full-precision model it was made from (LoadedModel), rebuilt once
+    run.fp_model        # the full-precision model it was made from (LoadedModel), rebuilt once (or handed over
+                        # by the calibration that just made the checkpoint)
     run.val_images      # the labelled validation images (ImageSet), loaded once
 
 Each is loaded on first use and kept, so a command that goes through several stages reads every file once.
@@ -86,7 +87,7 @@ class Run:
     for the embedded model) and ``limit`` (a seeded subset) choose the validation images."""
 
     def __init__(self, path, *, val_data: str | None = None, limit: int | None = None, batch_size: int = 256,
-                 manifest: Manifest | None = None):
+                 manifest: Manifest | None = None, fp_model: LoadedModel | None = None):
         self.path = Path(path)
         self.val_data = val_data
         self.limit = limit
@@ -95,6 +96,8 @@ class Run:
         self.logits: dict = {}  # runtime name -> logits on val_images, filled by pipeline.evaluate
         if manifest is not None:
             self.__dict__["manifest"] = manifest
+        if fp_model is not None:  # the FP model the checkpoint was calibrated from, still in memory
+            self.__dict__["fp_model"] = fp_model
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"

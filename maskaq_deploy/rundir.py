@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from maskaq_deploy.errors import OutputExistsError, RunLockedError, UsageError
@@ -31,8 +32,15 @@ DFQ_STATE = Path("dfq") / "run.json"
 # fd and re-entry count of every lock this process holds, by resolved folder: pipeline functions lock the folder
 # too, so a command that already holds it must not lock itself out.
 _held: dict[Path, list] = {}
-# the stages open in this process: a pipeline function asked to write into one writes straight into it
-_open_stages: set[Path] = set()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run being written: ``path`` is the folder the stages write into, ``out`` the run folder it replaces when
+    the command succeeds. One command opens one stage (``writing``) and hands it to every stage it runs."""
+
+    out: Path
+    path: Path
 
 
 def lock_path(run) -> Path:
@@ -150,33 +158,26 @@ def _release(path: Path, fd: int) -> None:
 
 @contextlib.contextmanager
 def writing(out, *, force: bool = False, resume: bool = False, command: str | None = None,
-            main: bool = True) -> Iterator[Path]:
-    """Lock ``out``, check the force/resume rules, and yield the folder to write the new run into: a stage
+            main: bool = True) -> Iterator[Stage]:
+    """Lock ``out``, check the force/resume rules, and yield the Stage to write the new run into: a folder
     beside ``out`` that replaces it only when the block ends without an error. ``main=False`` (the non-writing
-    ranks of a multi-process job) yields the stage's path and touches nothing. Inside a stage this process already
-    opened, yields that stage."""
+    ranks of a multi-process job) yields the Stage and touches nothing."""
     out = Path(out)
-    if _key(out) in _open_stages:
-        yield out
-        return
     stage = staging_path(out)
     if not main:
-        yield stage
+        yield Stage(out, stage)
         return
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, command):
         _recover(out)
         _prepare(out, stage, force=force, resume=resume)
-        _open_stages.add(_key(stage))
         try:
-            yield stage
+            yield Stage(out, stage)
         except BaseException:
             if not holds_work(stage):
                 shutil.rmtree(stage, ignore_errors=True)
             raise
-        finally:
-            _open_stages.discard(_key(stage))
         _swap(stage, out)
 
 

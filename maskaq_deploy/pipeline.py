@@ -232,12 +232,12 @@ def sensitivity(run: Run, images: int = 64) -> dict:
 
 def gate(report: Report, limits: gate_mod.Thresholds) -> gate_mod.GateResult:
     """The accuracy gate of ``limits`` on ``report`` (no thresholds: passed, no checks)."""
-    return gate_mod.evaluate_thresholds(report.to_dict(), limits)
+    return gate_mod.evaluate_thresholds(report, limits)
 
 
 def render(run: Run, report: Report) -> tuple[Path, Path]:
     """RUN/report.md and RUN/report.html of ``report`` (its sensitivity and latency tables included)."""
-    return write_reports(run.path, report.to_dict(), run.manifest.to_dict())
+    return write_reports(run.path, report, run.manifest)
 
 
 def make_report(run: Run, results: dict[str, RuntimeResult], runtime: str) -> Report:
@@ -269,7 +269,7 @@ def finish(run: Run, report: Report, *, limits: gate_mod.Thresholds | None = Non
     write of the command), report.md and report.html. Never raises on a breach: the caller reads
     ``.gate.passed`` (the CLI exits 4). A baseline refused here (other images) raises its UsageError after the
     files are written, with ``gate`` null."""
-    report = Report.from_dict(merge_report(run.report_path, report.to_dict()))
+    report = merge_report(run.report_path, report)
     if sensitivity_images > 0:
         report.sensitivity = sensitivity(run, sensitivity_images)
     report.latency = read_latency(run.path) or report.latency

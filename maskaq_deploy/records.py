@@ -91,7 +91,7 @@ class RuntimeResult(Record):
     """One runtime's figures on the validation images (report.json ``runtimes.<name>``)."""
 
     top1: float
-    agreement_vs_fp: float
+    agreement_vs_fp: float | None = optional()  # always written; a baseline may lack it (only top1 is required)
     agreement_vs_torch: float | None = optional()
     sqnr_db_vs_torch: float | None = optional()
     max_abs_diff_vs_torch: float | None = optional()

@@ -147,7 +147,8 @@ def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: Calibration
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=loaded.manifest_entry(),
-        # the checkpoint path is stored resolved so verify can reload the FP model from any directory
+        # where the checkpoint was (resolved: verify reloads the FP model from any directory); inputs.checkpoint
+        # identifies it, so a run folder moved elsewhere finds it again (provenance.find_checkpoint)
         model_config={**dataclasses.asdict(model_cfg),
                       "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
         recipe=inputs.recipe.to_dict(),
@@ -159,6 +160,7 @@ def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: Calibration
         dfq_config=summary["config"],  # what ran: the source's stages, the recipe's TV weight
         seed=cfg.seed,
         inputs={"weights_sha256": loaded.weights_sha256,
+                "checkpoint": provenance.checkpoint_record(model_cfg.checkpoint, loaded.weights_sha256, stage.out),
                 "calib_data": None if real is None else {"source": real.source, "images": len(real),
                                                          "fingerprint": real.fingerprint()}},
         versions=library_versions(),

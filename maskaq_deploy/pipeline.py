@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from maskaq_deploy import checks, deploy, provenance, rundir
+from maskaq_deploy import checks, deploy, layout, provenance, rundir
 from maskaq_deploy import gate as gate_mod
 from maskaq_deploy.calib import attach_quantizers, get_recipe, save_quantized_checkpoint
 from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json, read_manifest
@@ -417,7 +417,7 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     path = Path(artifact)
     if path.is_dir():
         provenance.check_checkpoint(path, read_manifest(path))
-        dyn = path / "model.qdq.dynamic.onnx"
+        dyn = path / layout.DYNAMIC_QDQ_ONNX
         if not dyn.is_file() or not provenance.belongs(dyn, path):  # bench's own export, redone when stale
             export(Run(path), ONNXRUNTIME, out=dyn, fp_too=False, dynamic_batch=True)
         path = dyn

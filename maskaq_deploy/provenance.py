@@ -18,6 +18,7 @@ from pathlib import Path
 
 from maskaq_deploy.calib.checkpoint import (MANIFEST_FILE, atomic_write_json, checkpoint_files, file_sha256,
                                             read_manifest)
+from maskaq_deploy import layout
 from maskaq_deploy.errors import ProvenanceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,7 @@ def check_artifact(path, run_dir, manifest: dict) -> None:
 
 def engine_record_path(engine) -> Path:
     """Where an engine's provenance is kept: a TensorRT engine holds no metadata of ours."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".provenance.json")
+    return layout.engine_record(engine)
 
 
 def record_engine(engine, qdq_path) -> None:

@@ -18,12 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskaq_deploy import layout
 from maskaq_deploy.records import Manifest, Report
 from maskaq_deploy.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 
-MD_FILE, HTML_FILE = "report.md", "report.html"
+MD_FILE, HTML_FILE = layout.MD_FILE, layout.HTML_FILE
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUNTIME_NAMES = {TORCH: "torch fake-quant", ONNXRUNTIME: "onnxruntime", TENSORRT: "TensorRT"}
 LATENCY_COLUMNS = ("runtime", "artifact", "batch", "threads", "median_ms", "p90_ms", "throughput")

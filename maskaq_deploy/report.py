@@ -15,13 +15,14 @@ import math
 from pathlib import Path
 
 from maskaq_deploy.calib.checkpoint import atomic_write_json, read_manifest
+from maskaq_deploy import layout
 from maskaq_deploy.errors import UsageError
 from maskaq_deploy.records import REPORT_FILE, REPORT_SCHEMA_VERSION, Manifest, Report
 from maskaq_deploy.render import write_reports
 
 log = logging.getLogger(__name__)
 
-LATENCY_FILE = "latency.json"  # bench rows, kept apart so a bench before the first verify is not lost
+LATENCY_FILE = layout.LATENCY_FILE  # bench rows, kept apart so a bench before the first verify is not lost
 # Keys a report must have to serve as a baseline: (key, accepted types).
 REQUIRED_KEYS = (("model", str), ("recipe", str), ("fp_top1", (int, float)), ("runtimes", dict),
                  ("num_eval_images", int))

@@ -31,11 +31,11 @@ import numpy as np
 from maskaq_deploy.calib.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
 from maskaq_deploy.export.errors import ExportError
 from maskaq_deploy.export.targets import FP8_MIN_COMPUTE_CAPABILITY
-from maskaq_deploy.export.tensorrt import ModelIO, profile_shapes, read_model_io
+from maskaq_deploy.export.tensorrt import ENGINE_FILE, ModelIO, profile_shapes, read_model_io
 from maskaq_deploy.runtimes.ort_backend import OrtBackend
 from maskaq_deploy.runtimes.targets import TENSORRT
 
-BUNDLE_DIR, ONNX_FILE, ENGINE_FILE = "bundle", "model.qdq.onnx", "model.engine"
+BUNDLE_DIR, ONNX_FILE = "bundle", "model.qdq.onnx"  # RUN/bundle/, and the graph inside it
 GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.npz", "golden_outputs.npz"
 BUILD_SCRIPT, VERIFY_SCRIPT, MANIFEST_FILE = "build_engine.sh", "verify_engine.py", "manifest.json"
 README_FILE = "README.md"

@@ -425,6 +425,7 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     Default: the embedded MNIST ViT, method and recipe from the options, target onnxruntime."""
     from maskaq_deploy.calib import get_recipe
 
+    from maskaq_deploy.config import BuildOptions, CalibrateOptions, ExportOptions, VerifyOptions
     from maskaq_deploy.deploy import check_build_float_dtype
     from maskaq_deploy.errors import EXIT_NO_ENGINE, EXIT_OK
     from maskaq_deploy.gate import precheck, thresholds
@@ -437,10 +438,12 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
     precheck(limits, model=model_cfg.name, recipe=get_recipe(calib_cfg.recipe).name)  # before any work
     # the whole build, reports included, goes into a stage that replaces OUT only when it is complete (see
     # rundir); a gate breach (4) or a missing engine (3) still installs it: the run is whole, its report says why
+    options = BuildOptions(CalibrateOptions(force=force, resume=resume),
+                           ExportOptions(target=target, dynamic_batch=dynamic_batch, bundle_only=bundle_only,
+                                         float_dtype=float_dtype),
+                           VerifyOptions(val_data=val_data, limit=limit, limits=limits), command=_command_line())
     with _ProgressView(quiet) as view:
-        result = run_build(model_cfg, calib_cfg, out, target=target, force=force, val_data=val_data, limit=limit,
-                           dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=view, resume=resume,
-                           limits=limits, command=_command_line(), float_dtype=float_dtype)
+        result = run_build(model_cfg, calib_cfg, out, options, progress=view)
     _print_report(result.report)
     click.echo(f"artifacts in {out}: {', '.join(result.artifacts)}")
     code = _finish(result.outcome, limits)

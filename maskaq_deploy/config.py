@@ -20,6 +20,9 @@ inside the table of their part such as [dfq.reconstruction]; docs/maskaq.md list
     iters = 100
 
 CLI options given explicitly override the file; the fully resolved config goes into the manifest.
+
+``BuildOptions`` holds how one ``build`` runs (beyond the model and the calibration config): the calibrate,
+export and verify options, built once by the CLI or by a Python caller and passed down whole.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from maskaq_deploy.calib.dfq.sources import method_names
 from maskaq_deploy.calib.tomlfile import read_toml as read_toml_file
 from maskaq_deploy.checks import DEVICE_PATTERN
 from maskaq_deploy.errors import UsageError
+from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TARGETS, TENSORRT, check_name
+
+if typing.TYPE_CHECKING:
+    from maskaq_deploy.gate import Thresholds
 
 
 CONFIG_VERSION = 1
@@ -92,6 +99,79 @@ class CalibrateConfig:
         d = dataclasses.asdict(self)
         d["keep_fp"] = list(self.keep_fp)
         return d
+
+
+FLOAT_DTYPES = ("fp16", "bf16", "fp32")  # --float-dtype of a tensorrt graph
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How calibrate treats the output folder: replace a run in it (``force``), continue one (``resume``)."""
+
+    force: bool = False
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What build exports: the target's QDQ flavour, its batch dimension, the TensorRT bundle and engine."""
+
+    target: str = ONNXRUNTIME
+    dynamic_batch: bool = False
+    bundle_only: bool = False  # tensorrt: the bundle only, no engine build here
+    float_dtype: str | None = None  # tensorrt: dtype of what is not quantized (None: the exporter's fp16)
+
+    def __post_init__(self):
+        check_name(self.target, TARGETS, "`target`", UsageError)
+        if self.float_dtype is not None and self.float_dtype not in FLOAT_DTYPES:
+            raise UsageError(f"unknown --float-dtype {self.float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+        if self.float_dtype not in (None, "fp32") and self.target != TENSORRT:
+            raise UsageError(f"--float-dtype {self.float_dtype} is for --target tensorrt; {self.target} computes "
+                             "in fp32")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Which images a verify evaluates, the gate it applies and the sensitivity table it adds."""
+
+    val_data: str | None = None  # a --val-data spec; None: the embedded test set for the embedded model
+    limit: int | None = None  # a seeded subset of that many images
+    batch_size: int = 256
+    limits: Thresholds | None = None  # gate.thresholds(...): validated, the baseline read
+    sensitivity_images: int = 64  # 0: no sensitivity table
+
+    def __post_init__(self):
+        if (self.limit is not None and self.limit < 1) or self.batch_size < 1:
+            raise UsageError("--limit and --batch-size must be positive")
+        if self.sensitivity_images < 0:
+            raise UsageError("sensitivity_images must be 0 (no table) or positive")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build needs besides the model and the calibration config; ``command`` is recorded in the
+    run folder's lock and in report.json."""
+
+    calibrate: CalibrateOptions = dataclasses.field(default_factory=CalibrateOptions)
+    export: ExportOptions = dataclasses.field(default_factory=ExportOptions)
+    verify: VerifyOptions = dataclasses.field(default_factory=VerifyOptions)
+    command: str | None = None
+
+    # the flat keywords of ``pipeline.build`` (its signature before BuildOptions) and where each one goes
+    KEYWORDS: typing.ClassVar[dict] = {"force": "calibrate", "resume": "calibrate", "target": "export",
+                                       "dynamic_batch": "export", "bundle_only": "export", "float_dtype": "export",
+                                       "val_data": "verify", "limit": "verify", "limits": "verify",
+                                       "batch_size": "verify", "sensitivity_images": "verify"}
+
+    @classmethod
+    def from_keywords(cls, *, command: str | None = None, **keywords) -> BuildOptions:
+        """BuildOptions from flat keywords (``target="tensorrt", limit=64, ...``); an unknown one is refused."""
+        unknown = sorted(set(keywords) - set(cls.KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown build option(s) {unknown}; known: {sorted(cls.KEYWORDS)}")
+        parts = {"calibrate": CalibrateOptions, "export": ExportOptions, "verify": VerifyOptions}
+        return cls(**{part: kind(**{k: v for k, v in keywords.items() if cls.KEYWORDS[k] == part})
+                      for part, kind in parts.items()}, command=command)
 
 
 def read_toml(path: str) -> dict:

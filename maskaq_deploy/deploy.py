@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskaq_deploy import provenance
+from maskaq_deploy import layout, provenance
 from maskaq_deploy.calib import get_recipe
 from maskaq_deploy.calib.recipes import Recipe
 from maskaq_deploy.errors import Bf16BuildError, UsageError
@@ -25,8 +25,7 @@ from maskaq_deploy.runtimes.targets import FLAVOURS, ONNXRUNTIME, TENSORRT, TORC
 
 log = logging.getLogger(__name__)
 
-FP_ONNX, QDQ_ONNX, ENGINE = "model.onnx", "model.qdq.onnx", "model.engine"
-ARTIFACTS = {ONNXRUNTIME: QDQ_ONNX, TENSORRT: ENGINE}  # the file of a run each runtime executes
+
 GOLDEN_IMAGES = 64
 
 
@@ -77,7 +76,7 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
     manifest = run.manifest
     if flavour == TENSORRT:  # the checkpoint's own recipe (built-in or custom)
         check_recipe_for_target(Recipe.from_dict(manifest.recipe), TENSORRT)
-    qdq_path = Path(out) if out else run.path / QDQ_ONNX
+    qdq_path = Path(out) if out else run.path / layout.QDQ_ONNX
     meta = {"maskaq.recipe": manifest.recipe_name, "maskaq.method": manifest.method,
             "maskaq.model": manifest.name, "maskaq.flavour": flavour,
             **provenance.artifact_metadata(run.path, manifest.to_dict())}
@@ -86,10 +85,15 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
                           attention_qdq=attention_qdq)
     fp_path = None
     if fp_too:
-        fp_path = run.path / FP_ONNX
+        fp_path = run.path / layout.FP_ONNX
         export_fp_onnx(run.fp_model.model, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
     return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
                         dict(res.op_counts), res.float_dtype)
+
+
+def artifact_file(runtime: str) -> str:
+    """The file of a run that ``runtime`` executes (onnxruntime or tensorrt)."""
+    return {ONNXRUNTIME: layout.QDQ_ONNX, TENSORRT: layout.ENGINE_FILE}[runtime]
 
 
 def conformance(qdq_path) -> list:
@@ -105,7 +109,7 @@ def artifact(run: Run, runtime: str, given=None):
     get_backend(runtime)  # an unknown name fails here, with the list
     if runtime == TORCH:
         return run.quantized
-    path = Path(given) if given else run.path / ARTIFACTS[runtime]
+    path = Path(given) if given else run.path / artifact_file(runtime)
     if given is not None and not path.is_file():
         raise UsageError(f"`artifact` {given} does not exist; give an exported .onnx or .engine, or leave it out "
                          "to use the run's own")
@@ -137,7 +141,7 @@ def other_flavour_graphs(run: Run, done: str | None) -> dict:
     for flavour in FLAVOURS:
         if flavour == done:
             continue
-        path = run.path / f"model.qdq.{flavour}.onnx"
+        path = run.path / layout.flavour_qdq_onnx(flavour)
         try:
             if not path.is_file():
                 export(run, flavour, out=path, fp_too=False, dynamic_batch=True)

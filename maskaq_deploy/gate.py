@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from maskaq_deploy.errors import MaskAQError, UsageError
-from maskaq_deploy.records import REPORT_FILE
-from maskaq_deploy.report import read_report
+from maskaq_deploy.records import REPORT_FILE, Report
+from maskaq_deploy.report import read_report, report_of
 
 TOLERANCE = 1e-9
 # A baseline is comparable when it measured the same model with the same recipe on the same images.
@@ -65,7 +65,7 @@ class Thresholds:
     max_drop: float | None = None
     max_regression: float | None = None
     baseline_path: str | None = None
-    baseline: dict | None = None
+    baseline: Report | None = None
 
     @property
     def active(self) -> bool:
@@ -90,7 +90,7 @@ def _check_pair(baseline, max_regression) -> None:
                          "and the points of top-1 it may lose, e.g. --baseline old/report.json --max-regression 0.2")
 
 
-def load_baseline(path) -> dict:
+def load_baseline(path) -> Report:
     """Read a baseline report: a report.json, or a run directory holding one. Raises UsageError."""
     path = Path(path)
     if path.is_dir():
@@ -113,14 +113,14 @@ def _pts(x: float) -> str:
     return f"{x:.4f}".rstrip("0").rstrip(".") if math.isfinite(x) else str(x)
 
 
-def _runtimes(report: dict, what: str, error=MaskAQError) -> dict:
+def _runtimes(report: Report, what: str, error=MaskAQError) -> dict:
     """{runtime: top1}; a report without them is our bug (exit 1), a baseline without them the user's (2)."""
-    runtimes = report.get("runtimes")
+    runtimes = report.runtimes
     if not isinstance(runtimes, dict) or not runtimes:
         raise error(f"{what} has no per-runtime results ('runtimes'); rerun verify")
     out = {}
     for name, r in runtimes.items():
-        top1 = r.get("top1") if isinstance(r, dict) else None
+        top1 = getattr(r, "top1", None)
         if not isinstance(top1, (int, float)) or isinstance(top1, bool):
             raise error(f"{what}: runtime {name!r} has no numeric top1; rerun verify")
         out[name] = float(top1)
@@ -136,23 +136,23 @@ def _check(name: str, runtime: str, value: float, threshold: float, detail: str,
     return Check(name, value, threshold, passed, msg, runtime)
 
 
-def check_baseline_matches(report: dict, baseline: dict, source: str = "the baseline") -> None:
+def check_baseline_matches(report: Report, baseline: Report, source: str = "the baseline") -> None:
     """Refuse (UsageError) a baseline of another model, recipe or validation set."""
     for key in SAME_RUN_KEYS:
-        if baseline.get(key) != report.get(key):
+        if getattr(baseline, key) != getattr(report, key):
             raise UsageError(
-                f"{source} is for model {baseline.get('model')!r} ({baseline.get('timm_name')}) recipe "
-                f"{baseline.get('recipe')!r}, this run is {report.get('model')!r} ({report.get('timm_name')}) "
-                f"recipe {report.get('recipe')!r}; give the report of a previous run of the same model and recipe")
-    same_images = baseline.get("num_eval_images") == report.get("num_eval_images")
-    fb, fr = baseline.get("val_fingerprint"), report.get("val_fingerprint")
+                f"{source} is for model {baseline.model!r} ({baseline.timm_name}) recipe {baseline.recipe!r}, "
+                f"this run is {report.model!r} ({report.timm_name}) recipe {report.recipe!r}; give the report of "
+                "a previous run of the same model and recipe")
+    same_images = baseline.num_eval_images == report.num_eval_images
+    fb, fr = baseline.val_fingerprint, report.val_fingerprint
     # The fingerprint (when both reports have one) identifies the images; the spec string is the fallback.
-    same_data = fb == fr if (fb and fr) else baseline.get("val_data") == report.get("val_data")
+    same_data = fb == fr if (fb and fr) else baseline.val_data == report.val_data
     if not (same_images and same_data):
         raise UsageError(
-            f"{source} was evaluated on {baseline.get('num_eval_images')} images of {baseline.get('val_data')}, "
-            f"this run on {report.get('num_eval_images')} of {report.get('val_data')}; top-1 is only comparable "
-            "on the same images: use the same --val-data and --limit as the baseline")
+            f"{source} was evaluated on {baseline.num_eval_images} images of {baseline.val_data}, this run on "
+            f"{report.num_eval_images} of {report.val_data}; top-1 is only comparable on the same images: use "
+            "the same --val-data and --limit as the baseline")
 
 
 def precheck(limits: Thresholds, *, model: str, recipe: str) -> None:
@@ -161,37 +161,52 @@ def precheck(limits: Thresholds, *, model: str, recipe: str) -> None:
     base = limits.baseline
     if base is None:
         return
-    if base.get("model") != model or base.get("recipe") != recipe:
+    if base.model != model or base.recipe != recipe:
         raise UsageError(
-            f"baseline {limits.baseline_path} is for model {base.get('model')!r} recipe {base.get('recipe')!r}, "
+            f"baseline {limits.baseline_path} is for model {base.model!r} recipe {base.recipe!r}, "
             f"this run is {model!r} recipe {recipe!r}; give the report of a previous run of the same model "
             "and recipe")
 
 
-def evaluate(report: dict, *, max_drop: float | None = None, baseline=None,
+def evaluate(report: Report | dict, *, max_drop: float | None = None, baseline=None,
              max_regression: float | None = None) -> GateResult:
-    """Apply the thresholds to ``report`` (a verify report). ``baseline``: a path to a previous report.json
-    (or its run directory), or an already loaded report dict. No threshold given: passed, no checks."""
+    """Apply the thresholds to ``report`` (a verify report: a Report, or its dict). ``baseline``: a path to a
+    previous report.json (or its run directory), or an already loaded Report (or dict, checked like a file).
+    No threshold given: passed, no checks."""
     max_drop = _threshold(max_drop, "--max-drop")
     max_regression = _threshold(max_regression, "--max-regression")
     _check_pair(baseline, max_regression)
     source = "the baseline"
-    if baseline is not None and not isinstance(baseline, dict):
+    if baseline is not None and not isinstance(baseline, (dict, Report)):
         source = f"baseline {baseline}"
         baseline = load_baseline(baseline)
-    return _evaluate(report, max_drop, baseline, max_regression, source)
+    elif baseline is not None:
+        baseline = report_of(baseline, source)
+    return _evaluate(_own_report(report), max_drop, baseline, max_regression, source)
 
 
-def evaluate_thresholds(report: dict, limits: Thresholds) -> GateResult:
+def evaluate_thresholds(report: Report | dict, limits: Thresholds) -> GateResult:
     """``evaluate`` with the options ``thresholds`` validated (and the baseline it read)."""
     source = f"baseline {limits.baseline_path}" if limits.baseline_path else "the baseline"
-    return _evaluate(report, limits.max_drop, limits.baseline, limits.max_regression, source)
+    return _evaluate(_own_report(report), limits.max_drop, limits.baseline, limits.max_regression, source)
 
 
-def _evaluate(report: dict, max_drop, baseline: dict | None, max_regression, source: str) -> GateResult:
+def _own_report(report: Report | dict) -> Report:
+    """The report being gated as a Report; one that cannot be read as one is a failure of ours (exit 1)."""
+    if isinstance(report, Report):
+        return report
+    try:
+        return Report.from_dict(report)
+    except TypeError:
+        missing = [k for k in ("model", "recipe", "fp_top1", "num_eval_images", "runtimes") if k not in report]
+        raise MaskAQError(f"the report lacks {', '.join(missing) or 'required keys'} (e.g. per-runtime results, "
+                          "'runtimes'); rerun verify") from None
+
+
+def _evaluate(report: Report, max_drop, baseline: Report | None, max_regression, source: str) -> GateResult:
     checks: list[Check] = []
     if max_drop is not None:
-        fp = report.get("fp_top1")
+        fp = report.fp_top1
         if not isinstance(fp, (int, float)):
             raise MaskAQError("the report has no numeric fp_top1; rerun verify")
         for name, top1 in _runtimes(report, "the report").items():
@@ -215,11 +230,9 @@ def _evaluate(report: dict, max_drop, baseline: dict | None, max_regression, sou
 
 def gate_entry(result: GateResult, limits: Thresholds) -> dict:
     """The report.json ``gate`` object: the thresholds applied and their outcome."""
-    base = limits.baseline or {}
+    base = limits.baseline
     return {**result.to_dict(), "max_drop": limits.max_drop, "max_regression": limits.max_regression,
-            "baseline": None if limits.baseline is None else {
-                "path": limits.baseline_path, "model": base.get("model"), "recipe": base.get("recipe"),
-                "method": base.get("method"), "created": base.get("created"),
-                "runtimes": {k: v.get("top1") for k, v in (base.get("runtimes") or {}).items()
-                             if isinstance(v, dict)}}}
+            "baseline": None if base is None else {
+                "path": limits.baseline_path, "model": base.model, "recipe": base.recipe, "method": base.method,
+                "created": base.created, "runtimes": {k: v.top1 for k, v in base.runtimes.items()}}}
 

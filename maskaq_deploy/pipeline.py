@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from maskaq_deploy import checks, deploy, provenance, rundir
+from maskaq_deploy import checks, deploy, layout, provenance, rundir
 from maskaq_deploy import gate as gate_mod
 from maskaq_deploy.calib import attach_quantizers, get_recipe, save_quantized_checkpoint
 from maskaq_deploy.calib.checkpoint import SCHEMA_VERSION, atomic_write_json, read_manifest
 from maskaq_deploy.calib.dfq import distributed, run_calibration
-from maskaq_deploy.config import CalibrateConfig
+from maskaq_deploy.config import BuildOptions, CalibrateConfig
 from maskaq_deploy.data import ImageSet, load_image_set
 from maskaq_deploy.deploy import export
 from maskaq_deploy.errors import DataError, MaskAQError, UsageError
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 export_run = export  # the name the package exports (maskaq_deploy.export is the exporter subpackage)
 
 __all__ = ["calibrate", "export", "export_run", "evaluate", "sensitivity", "gate", "render", "finish", "verify",
-           "build", "bench", "Outcome", "BuildResult", "Run"]
+           "build", "bench", "Outcome", "BuildResult", "BuildOptions", "Run"]
 
 
 def library_versions() -> dict:
@@ -90,18 +90,37 @@ def calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, force: bool 
     with contextlib.ExitStack() as stack:  # rank 0 writes a stage that replaces ``out`` only on success
         stage = dist.on_main(lambda: stack.enter_context(rundir.writing(out, force=force, resume=resume)),
                              "preparing the output directory")
-        manifest = _calibrate(model_cfg, cfg, inputs, Path(stage), dist, progress=progress, resume=resume)
+        manifest = _calibrate(model_cfg, cfg, inputs, stage, dist, progress=progress, resume=resume)
     distributed.teardown()
-    return Run(out, manifest=manifest)
+    return Run(out, manifest=manifest, fp_model=inputs.loaded)
 
 
-def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig) -> tuple:
-    """(loaded model, Q, recipe, attach info, real images or None, seconds) of a calibration, all checked."""
+@dataclasses.dataclass
+class CalibrationInputs:
+    """What a calibration starts from, every part checked: the FP model (loaded once, under the seed), its
+    quantized copy, the recipe, what was quantized, the real images (method real) and the seconds taken."""
+
+    loaded: LoadedModel
+    qmodel: torch.nn.Module
+    recipe: object
+    info: object
+    real: ImageSet | None
+    seconds: dict
+
+
+def _load_fp(model_cfg: ModelConfig, seed: int) -> LoadedModel:
+    """The FP model, built under ``seed``: a model without weights is drawn from it (reload_fp_model redraws it
+    alike)."""
+    torch.manual_seed(seed)
+    return load_model(model_cfg)
+
+
+def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig, loaded: LoadedModel | None = None) -> CalibrationInputs:
+    """The checked inputs of a calibration; ``loaded``: the FP model already loaded by ``_load_fp``."""
     checks.device_available(cfg.device)
-    torch.manual_seed(cfg.seed)  # a model without weights is drawn from it: reload_fp_model redraws it alike
-    seconds = {}
     t0 = time.perf_counter()
-    loaded = load_model(model_cfg)
+    if loaded is None:
+        loaded = _load_fp(model_cfg, cfg.seed)
     qmodel, recipe, info = _quantize(loaded, cfg)
     real = None
     if cfg.needs_real_data:
@@ -111,33 +130,37 @@ def _inputs(model_cfg: ModelConfig, cfg: CalibrateConfig) -> tuple:
         if len(real) == 0:
             raise DataError(f"`calib_data` {spec} holds no images")
         real.check_labels(checks.num_classes(loaded.model), "`calib_data`")
-    seconds["load"] = round(time.perf_counter() - t0, 3)
-    return loaded, qmodel, recipe, info, real, seconds
+    seconds = {"load": round(time.perf_counter() - t0, 3)}
+    return CalibrationInputs(loaded, qmodel, recipe, info, real, seconds)
 
 
-def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: tuple, out: Path, dist, *, progress,
-               resume: bool) -> Manifest:
-    loaded, qmodel, recipe, info, real, seconds = inputs
+def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: CalibrationInputs, stage: rundir.Stage,
+               dist, *, progress, resume: bool) -> Manifest:
+    """Calibrate into ``stage`` (opened by the caller: calibrate, or build for its whole run)."""
+    loaded, qmodel, seconds, out = inputs.loaded, inputs.qmodel, dict(inputs.seconds), stage.path
     t0 = time.perf_counter()
-    summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, real, resume=resume,
+    summary = _run_method(loaded.model, qmodel, cfg, loaded.data_config, out, inputs.real, resume=resume,
                           progress=progress, dist=dist)
     seconds["calibrate"] = round(time.perf_counter() - t0, 3)
     rundir.relative_paths(summary, out)
+    real = inputs.real
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=loaded.manifest_entry(),
-        # the checkpoint path is stored resolved so verify can reload the FP model from any directory
+        # where the checkpoint was (resolved: verify reloads the FP model from any directory); inputs.checkpoint
+        # identifies it, so a run folder moved elsewhere finds it again (provenance.find_checkpoint)
         model_config={**dataclasses.asdict(model_cfg),
                       "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
-        recipe=recipe.to_dict(),
+        recipe=inputs.recipe.to_dict(),
         keep_fp=list(cfg.keep_fp),
-        quantized_modules=len(info.quantized),
-        kept_fp_modules=info.kept_fp,
+        quantized_modules=len(inputs.info.quantized),
+        kept_fp_modules=inputs.info.kept_fp,
         method=cfg.method,
         config=cfg.to_dict(),
         dfq_config=summary["config"],  # what ran: the source's stages, the recipe's TV weight
         seed=cfg.seed,
         inputs={"weights_sha256": loaded.weights_sha256,
+                "checkpoint": provenance.checkpoint_record(model_cfg.checkpoint, loaded.weights_sha256, stage.out),
                 "calib_data": None if real is None else {"source": real.source, "images": len(real),
                                                          "fingerprint": real.fingerprint()}},
         versions=library_versions(),
@@ -211,12 +234,12 @@ def sensitivity(run: Run, images: int = 64) -> dict:
 
 def gate(report: Report, limits: gate_mod.Thresholds) -> gate_mod.GateResult:
     """The accuracy gate of ``limits`` on ``report`` (no thresholds: passed, no checks)."""
-    return gate_mod.evaluate_thresholds(report.to_dict(), limits)
+    return gate_mod.evaluate_thresholds(report, limits)
 
 
 def render(run: Run, report: Report) -> tuple[Path, Path]:
     """RUN/report.md and RUN/report.html of ``report`` (its sensitivity and latency tables included)."""
-    return write_reports(run.path, report.to_dict(), run.manifest.to_dict())
+    return write_reports(run.path, report, run.manifest)
 
 
 def make_report(run: Run, results: dict[str, RuntimeResult], runtime: str) -> Report:
@@ -248,7 +271,7 @@ def finish(run: Run, report: Report, *, limits: gate_mod.Thresholds | None = Non
     write of the command), report.md and report.html. Never raises on a breach: the caller reads
     ``.gate.passed`` (the CLI exits 4). A baseline refused here (other images) raises its UsageError after the
     files are written, with ``gate`` null."""
-    report = Report.from_dict(merge_report(run.report_path, report.to_dict()))
+    report = merge_report(run.report_path, report)
     if sensitivity_images > 0:
         report.sensitivity = sensitivity(run, sensitivity_images)
     report.latency = read_latency(run.path) or report.latency
@@ -312,41 +335,50 @@ class BuildResult:
         return self.outcome.report
 
 
-def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, *, target: str = ONNXRUNTIME, force: bool = False,
-          val_data: str | None = None, limit: int | None = None, dynamic_batch: bool = False,
-          bundle_only: bool = False, progress=None, resume: bool = False,
-          limits: gate_mod.Thresholds | None = None, command: str | None = None,
-          float_dtype: str | None = None) -> BuildResult:
+def build(model_cfg: ModelConfig, cfg: CalibrateConfig, out, options: BuildOptions | None = None, *,
+          progress=None, **keywords) -> BuildResult:
     """calibrate -> export (QDQ in the target's flavour) -> evaluate on torch and the target's runtime ->
-    TensorRT bundle and engine -> sensitivity, gate, report (written once). ``engine_missing_reason`` is set
-    when the target is tensorrt and no engine could be built here. ``float_dtype``: the tensorrt graph's."""
+    TensorRT bundle and engine -> sensitivity, gate, report (written once). ``options``: a BuildOptions, or
+    its fields as flat keywords (``target="tensorrt", limit=64, float_dtype="fp16", ...``; see
+    BuildOptions.KEYWORDS). ``engine_missing_reason`` is set when the target is tensorrt and no engine could be
+    built here."""
+    if options is None:
+        options = BuildOptions.from_keywords(**keywords)
+    elif keywords:
+        raise TypeError(f"build takes options or keywords, not both (got {sorted(keywords)} with options)")
     if distributed.env_world()[1] > 1:
         err = UsageError("build runs in one process; for several processes launch 'torchrun ... -m maskaq_deploy "
                          "calibrate --out RUN', then run 'maskaq-deploy export RUN' and 'maskaq-deploy verify RUN'")
         err.mirrored = True  # every rank refuses alike: reported once
         raise err
-    deploy.check_target(cfg.recipe, target, float_dtype)  # refuse before any work
-    with rundir.writing(out, force=force, resume=resume, command=command) as stage:  # replaces ``out`` on success
-        result = _build_into(model_cfg, cfg, stage, target=target, val_data=val_data, limit=limit,
-                             dynamic_batch=dynamic_batch, bundle_only=bundle_only, progress=progress,
-                             resume=resume, limits=limits, command=command, float_dtype=float_dtype)
+    deploy.check_target(cfg.recipe, options.export.target, options.export.float_dtype)  # refuse before any work
+    # one stage for the whole build (checkpoint, exports, reports): it replaces ``out`` only on success
+    with rundir.writing(out, force=options.calibrate.force, resume=options.calibrate.resume,
+                        command=options.command) as stage:
+        result = _build_into(model_cfg, cfg, stage, options, progress)
     out = Path(out)
     result.outcome.md_path, result.outcome.html_path = (out / result.outcome.md_path.name,
                                                          out / result.outcome.html_path.name)
     return result
 
 
-def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, target: str, val_data, limit,
-                dynamic_batch: bool, bundle_only: bool, progress, resume: bool, limits, command,
-                float_dtype: str | None = None) -> BuildResult:
+def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, stage: rundir.Stage, options: BuildOptions,
+                progress) -> BuildResult:
     t0 = time.perf_counter()
-    _check_val_data(model_cfg, val_data, limit)  # bad validation images fail now, not after the calibration
-    run = calibrate(model_cfg, cfg, out, progress=progress, resume=resume)
-    run.choose_images(val_data, limit)
+    exp_opts, ver = options.export, options.verify
+    target = exp_opts.target
+    loaded = _load_fp(model_cfg, cfg.seed)  # the one FP model of the build: calibration's teacher, the reference
+    _check_val_data(loaded, model_cfg.name, ver.val_data, ver.limit)  # bad images fail now, not after calibrating
+    inputs = _inputs(model_cfg, cfg, loaded)
+    inputs.seconds["load"] = round(time.perf_counter() - t0, 3)
+    manifest = _calibrate(model_cfg, cfg, inputs, stage, distributed.SINGLE, progress=progress,
+                          resume=options.calibrate.resume)
+    run = Run(stage.path, val_data=ver.val_data, limit=ver.limit, batch_size=ver.batch_size, manifest=manifest,
+              fp_model=loaded)
     results, runtime, engine_reason = {TORCH: evaluate(run, TORCH)}, TORCH, None
     if target != TORCH:
         t1 = time.perf_counter()
-        exp = export(run, target, dynamic_batch=dynamic_batch, float_dtype=float_dtype)
+        exp = export(run, target, dynamic_batch=exp_opts.dynamic_batch, float_dtype=exp_opts.float_dtype)
         run.seconds["export"] = round(time.perf_counter() - t1, 3)
         if target == TENSORRT:
             bad = deploy.conformance(exp.qdq_path)
@@ -357,7 +389,7 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
         runtime = ONNXRUNTIME
     if target == TENSORRT:
         deploy.write_tensorrt_bundle(run, exp.qdq_path)
-        if not bundle_only:
+        if not exp_opts.bundle_only:
             engine, engine_reason = deploy.try_build_engine(run.path, exp.qdq_path)
             if engine is not None:
                 results[TENSORRT] = evaluate(run, TENSORRT)
@@ -365,13 +397,13 @@ def _build_into(model_cfg: ModelConfig, cfg: CalibrateConfig, out: Path, *, targ
     report = make_report(run, results, runtime)
     report.target = target
     run.seconds["build_total"] = round(time.perf_counter() - t0, 3)
-    outcome = finish(run, report, limits=limits, command=command)
+    outcome = finish(run, report, limits=ver.limits, sensitivity_images=ver.sensitivity_images,
+                     command=options.command)
     return BuildResult(outcome, run.listing(), engine_reason)
 
 
-def _check_val_data(model_cfg: ModelConfig, val_data: str | None, limit: int | None) -> None:
-    loaded = load_model(model_cfg)
-    spec = default_data(model_cfg.name, "test", val_data, "`val_data`")
+def _check_val_data(loaded: LoadedModel, model_name: str, val_data: str | None, limit: int | None) -> None:
+    spec = default_data(model_name, "test", val_data, "`val_data`")
     images = load_image_set(spec, loaded.data_config, "`val_data`").subset(limit)
     images.check_labels(checks.num_classes(loaded.model), "`val_data`")
 
@@ -385,7 +417,7 @@ def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iter
     path = Path(artifact)
     if path.is_dir():
         provenance.check_checkpoint(path, read_manifest(path))
-        dyn = path / "model.qdq.dynamic.onnx"
+        dyn = path / layout.DYNAMIC_QDQ_ONNX
         if not dyn.is_file() or not provenance.belongs(dyn, path):  # bench's own export, redone when stale
             export(Run(path), ONNXRUNTIME, out=dyn, fp_too=False, dynamic_batch=True)
         path = dyn

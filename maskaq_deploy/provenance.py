@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
+import stat
 from pathlib import Path
 
 from maskaq_deploy.calib.checkpoint import (MANIFEST_FILE, atomic_write_json, checkpoint_files, file_sha256,
                                             read_manifest)
+from maskaq_deploy import layout
 from maskaq_deploy.errors import ProvenanceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,59 @@ def check_fp_weights(manifest: dict, loaded) -> None:
                               f"{recalibrate_command('RUN', manifest)}")
 
 
+def checkpoint_record(checkpoint, weights_sha256: str | None, run_dir) -> dict | None:
+    """The manifest's ``inputs.checkpoint``: what identifies the FP checkpoint wherever it lies (its file name,
+    size and sha256), and its path relative to ``run_dir`` when it lies inside it. None without a checkpoint."""
+    if not checkpoint:
+        return None
+    path = Path(os.path.abspath(checkpoint))
+    root = Path(os.path.abspath(run_dir))
+    inside = path.is_relative_to(root)
+    return {"name": path.name, "size": path.stat().st_size, "sha256": weights_sha256 or file_sha256(path),
+            "path": path.relative_to(root).as_posix() if inside else None}
+
+
+def find_checkpoint(manifest: dict, run_dir, given=None) -> Path | None:
+    """The FP checkpoint a run was calibrated from, on this machine: ``given`` (the caller names it again), else
+    its path relative to the run folder, the path recorded at calibration, or its name in the run folder or
+    beside it. A candidate is read only when its size is the recorded one, and used only when its sha256 is:
+    a manifest edited to name another file never makes this open it. None: the run has no checkpoint.
+    Manifests written before the record (only the path) give that path, unchecked until it is loaded."""
+    recorded_path = (manifest.get("model_config") or {}).get("checkpoint")
+    record = (manifest.get("inputs") or {}).get("checkpoint")
+    if not isinstance(record, dict) or not {"name", "size", "sha256"} <= set(record):
+        return Path(given) if given else (Path(recorded_path) if recorded_path else None)
+    run_dir = Path(run_dir)
+    if given:
+        candidates = [Path(given)]
+    else:
+        candidates = [run_dir / record["path"] if record.get("path") else None,
+                      Path(recorded_path) if recorded_path else None,
+                      run_dir / record["name"], run_dir.parent / record["name"]]
+    for path in dict.fromkeys(c for c in candidates if c is not None):
+        if _is_recorded_file(path, record):
+            return path
+    what = f"{record['name']} ({record['size']} bytes, sha256 {str(record['sha256'])[:12]}...)"
+    if given:
+        raise ProvenanceError(f"checkpoint {given} is not the full-precision checkpoint this run was calibrated "
+                              f"from, {what}; give that file")
+    raise UsageError(f"the full-precision checkpoint of this run, {what}, is not at {recorded_path} nor in "
+                     f"{run_dir}; copy it into the run folder (or beside it)")
+
+
+def _is_recorded_file(path: Path, record: dict) -> bool:
+    try:
+        st = os.stat(path)  # size first: a file of another size is never opened
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != record["size"]:
+        return False
+    try:
+        return file_sha256(path) == record["sha256"]
+    except OSError:
+        return False
+
+
 def artifact_metadata(run_dir, manifest: dict) -> dict:
     """Metadata an exported graph carries so that verify and bench can tell which checkpoint it came from."""
     return {CHECKPOINT_KEY: checkpoint_digest(run_dir, manifest)}
@@ -105,8 +161,7 @@ def check_artifact(path, run_dir, manifest: dict) -> None:
 
 def engine_record_path(engine) -> Path:
     """Where an engine's provenance is kept: a TensorRT engine holds no metadata of ours."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".provenance.json")
+    return layout.engine_record(engine)
 
 
 def record_engine(engine, qdq_path) -> None:

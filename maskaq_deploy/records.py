@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
-REPORT_FILE = "report.json"
+from maskaq_deploy.layout import REPORT_FILE  # noqa: F401  (re-exported: where the record is written)
 # 1: the undocumented first format. 2: documented; adds val_fingerprint, created, command, gate, sensitivity,
 # latency (all additive: a version-1 report is still a valid baseline). Adding a key keeps the version (readers
 # ignore keys they do not know); renaming or removing a key, or changing what one means, increments it.
@@ -91,7 +91,7 @@ class RuntimeResult(Record):
     """One runtime's figures on the validation images (report.json ``runtimes.<name>``)."""
 
     top1: float
-    agreement_vs_fp: float
+    agreement_vs_fp: float | None = optional()  # always written; a baseline may lack it (only top1 is required)
     agreement_vs_torch: float | None = optional()
     sqnr_db_vs_torch: float | None = optional()
     max_abs_diff_vs_torch: float | None = optional()

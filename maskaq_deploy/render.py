@@ -18,11 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskaq_deploy import layout
+from maskaq_deploy.records import Manifest, Report
 from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT, TORCH
 
 log = logging.getLogger(__name__)
 
-MD_FILE, HTML_FILE = "report.md", "report.html"
+MD_FILE, HTML_FILE = layout.MD_FILE, layout.HTML_FILE
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUNTIME_NAMES = {TORCH: "torch fake-quant", ONNXRUNTIME: "onnxruntime", TENSORRT: "TensorRT"}
 LATENCY_COLUMNS = ("runtime", "artifact", "batch", "threads", "median_ms", "p90_ms", "throughput")
@@ -52,18 +54,22 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
 
 
-def write_reports(run_dir, report: dict, manifest: dict, *, sensitivity_rows: list[dict] | None = None,
+def write_reports(run_dir, report: Report | dict, manifest: Manifest | dict, *,
+                  sensitivity_rows: list[dict] | None = None,
                   latency_rows: list[dict] | None = None) -> tuple[Path, Path]:
-    """Write RUN/report.md and RUN/report.html (atomically); return their paths."""
+    """Write RUN/report.md and RUN/report.html (atomically) of ``report`` and ``manifest`` (records, or the dicts
+    of report.json and manifest.json); return their paths."""
     from maskaq_deploy.calib.checkpoint import atomic_write_bytes
 
     run_dir = Path(run_dir)
+    report = report if isinstance(report, Report) else Report.from_dict(report)
+    manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
     if sensitivity_rows is None:
-        sensitivity_rows = (report.get("sensitivity") or {}).get("rows")
+        sensitivity_rows = (report.sensitivity or {}).get("rows")
     if latency_rows is None:
-        latency_rows = report.get("latency")
+        latency_rows = report.latency
     sections = build_sections(run_dir, report, manifest, sensitivity_rows, latency_rows)
-    title = f"maskaq-deploy report: {report.get('model')} {report.get('recipe')}"
+    title = f"maskaq-deploy report: {report.model} {report.recipe}"
     md_path, html_path = run_dir / MD_FILE, run_dir / HTML_FILE
     atomic_write_bytes(md_path, to_markdown(title, sections).encode())
     atomic_write_bytes(html_path, to_html(title, report, sections).encode())
@@ -90,10 +96,11 @@ def _runtime_label(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- sections
 
-def build_sections(run_dir: Path, report: dict, manifest: dict, sensitivity_rows, latency_rows) -> list[Section]:
+def build_sections(run_dir: Path, report: Report, manifest: Manifest, sensitivity_rows,
+                   latency_rows) -> list[Section]:
     sections = [_summary(report, manifest)]
-    if report.get("gate"):
-        sections.append(_gate(report["gate"]))
+    if report.gate:
+        sections.append(_gate(report.gate))
     sections.append(_accuracy(report))
     if sensitivity_rows:
         sections.append(_sensitivity(report, sensitivity_rows))
@@ -106,24 +113,24 @@ def build_sections(run_dir: Path, report: dict, manifest: dict, sensitivity_rows
     return sections
 
 
-def _summary(report: dict, manifest: dict) -> Section:
-    gate = report.get("gate")
+def _summary(report: Report, manifest: Manifest) -> Section:
+    gate = report.gate
     status = "no gate applied" if not gate else ("PASSED" if gate.get("passed") else "BREACHED")
     rows = [
-        ["model", f"{report.get('model')} ({report.get('timm_name')})"],
-        ["recipe", f"{report.get('recipe')}: {_describe_recipe(manifest.get('recipe') or {})}"],
+        ["model", f"{report.model} ({report.timm_name})"],
+        ["recipe", f"{report.recipe}: {_describe_recipe(manifest.recipe or {})}"],
         ["kept in float", _describe_keep_fp(manifest)],
-        ["calibration method", str(report.get("method"))],
-        ["validation data", f"{report.get('val_data')} ({report.get('num_eval_images')} images)"],
-        ["FP top-1", _num(report.get("fp_top1"), 2, "%")],
-        [f"quantized top-1 ({_runtime_label(str(report.get('runtime')))})", _num(report.get("quant_top1"), 2, "%")],
-        ["top-1 drop", _num(report.get("top1_drop"), 2, " pts")],
-        ["agreement with FP", _pct(report.get("agreement"))],
+        ["calibration method", str(report.method)],
+        ["validation data", f"{report.val_data} ({report.num_eval_images} images)"],
+        ["FP top-1", _num(report.fp_top1, 2, "%")],
+        [f"quantized top-1 ({_runtime_label(str(report.runtime))})", _num(report.quant_top1, 2, "%")],
+        ["top-1 drop", _num(report.top1_drop, 2, " pts")],
+        ["agreement with FP", _pct(report.agreement)],
         ["gate", status],
     ]
     notes = []
-    if report.get("command"):
-        notes.append(f"Figures from: {report['command']}")
+    if report.command:
+        notes.append(f"Figures from: {report.command}")
     return Section("Summary", notes=notes, tables=[Table(["", ""], rows)])
 
 
@@ -137,15 +144,15 @@ def _describe_recipe(recipe: dict) -> str:
     return f"{recipe.get('w_bits')}-bit weights ({gran}), {acts}"
 
 
-def _describe_keep_fp(manifest: dict) -> str:
-    recipe = list((manifest.get("recipe") or {}).get("keep_fp") or [])
-    user = list(manifest.get("keep_fp") or [])
+def _describe_keep_fp(manifest: Manifest) -> str:
+    recipe = list((manifest.recipe or {}).get("keep_fp") or [])
+    user = list(manifest.keep_fp or [])
     parts = [f"--keep-fp {', '.join(user)}" if user else "no --keep-fp"]
     if recipe:
         parts.append(f"recipe: {', '.join(recipe)}")
-    if isinstance(manifest.get("kept_fp_modules"), list):
-        parts.append(f"{len(manifest['kept_fp_modules'])} quantizable modules float, "
-                     f"{manifest.get('quantized_modules', '?')} quantized")
+    if isinstance(manifest.kept_fp_modules, list):
+        parts.append(f"{len(manifest.kept_fp_modules)} quantizable modules float, "
+                     f"{manifest.quantized_modules} quantized")
     return "; ".join(parts)
 
 
@@ -163,15 +170,14 @@ def _gate(gate: dict) -> Section:
     return Section("Accuracy gate", notes=notes, tables=[table])
 
 
-def _accuracy(report: dict) -> Section:
-    fp = report.get("fp_top1")
+def _accuracy(report: Report) -> Section:
+    fp = report.fp_top1
     rows = [["FP (float)", _num(fp, 2, "%"), "-", "-", "-", "-", "-"]]
-    runtimes = report.get("runtimes") or {}
+    runtimes = report.runtimes or {}
     for name, r in runtimes.items():
-        drop = fp - r["top1"] if isinstance(fp, (int, float)) and isinstance(r.get("top1"), (int, float)) else None
-        rows.append([_runtime_label(name), _num(r.get("top1"), 2, "%"), _num(drop, 2), _pct(r.get("agreement_vs_fp")),
-                     _pct(r.get("agreement_vs_torch")), _num(r.get("sqnr_db_vs_torch"), 1),
-                     _num(r.get("max_abs_diff_vs_torch"), 4)])
+        drop = fp - r.top1 if isinstance(fp, (int, float)) and isinstance(r.top1, (int, float)) else None
+        rows.append([_runtime_label(name), _num(r.top1, 2, "%"), _num(drop, 2), _pct(r.agreement_vs_fp),
+                     _pct(r.agreement_vs_torch), _num(r.sqnr_db_vs_torch, 1), _num(r.max_abs_diff_vs_torch, 4)])
     table = Table(["runtime", "top-1", "drop (pts)", "agreement vs FP", "agreement vs torch",
                    "logit SQNR vs torch (dB)", "max |diff| vs torch"], rows, {1, 2, 3, 4, 5, 6})
     figures = []
@@ -182,8 +188,8 @@ def _accuracy(report: dict) -> Section:
     return Section("Accuracy per runtime", notes=notes, tables=[table], figures=figures)
 
 
-def _sensitivity(report: dict, rows: list[dict]) -> Section:
-    meta = report.get("sensitivity") or {}
+def _sensitivity(report: Report, rows: list[dict]) -> Section:
+    meta = report.sensitivity or {}
     table = Table(["rank", "layer", "kind", "bits", "output SQNR (dB)", "weight SQNR (dB)", "input SQNR (dB)"],
                   [[str(r.get("rank", i + 1)), str(r.get("layer")), str(r.get("kind", "")), str(r.get("bits", "")),
                     "exact" if r.get("sqnr_db") is None else _num(r.get("sqnr_db"), 1),
@@ -202,8 +208,8 @@ def _sensitivity(report: dict, rows: list[dict]) -> Section:
     return Section("Per-layer sensitivity", notes=notes, tables=[table], figures=figures)
 
 
-def _calibration(run_dir: Path, manifest: dict) -> Section | None:
-    summary = manifest.get("calibration")
+def _calibration(run_dir: Path, manifest: Manifest) -> Section | None:
+    summary = manifest.calibration
     if not isinstance(summary, dict):
         return None
     rows = []
@@ -247,12 +253,12 @@ def _latency(rows: list[dict]) -> Section:
     return Section("Latency", notes=[note], tables=[table])
 
 
-def _provenance(report: dict, manifest: dict) -> Section:
-    rows = [["created", str(report.get("created", "-"))], ["report schema", str(report.get("schema_version"))]]
-    seconds = report.get("seconds")
+def _provenance(report: Report, manifest: Manifest) -> Section:
+    rows = [["created", str(report.created or "-")], ["report schema", str(report.schema_version)]]
+    seconds = report.seconds
     if isinstance(seconds, dict):
         rows += [[f"seconds: {k}", _num(v, 1)] for k, v in seconds.items() if isinstance(v, (int, float))]
-    versions = manifest.get("versions")
+    versions = manifest.versions
     if isinstance(versions, dict):
         rows += [[k, str(v)] for k, v in versions.items()]
     return Section("Provenance", tables=[Table(["", ""], rows)])
@@ -347,9 +353,9 @@ def _plot_accuracy(fp, runtimes: dict) -> bytes | None:
         names.append("FP (float)")
         values.append(float(fp))
     for name, r in runtimes.items():
-        if isinstance(r.get("top1"), (int, float)):
+        if isinstance(r.top1, (int, float)):
             names.append(_runtime_label(name))
-            values.append(float(r["top1"]))
+            values.append(float(r.top1))
     if not values:
         return None
     fig = _canvas(7, 0.5 + 0.45 * len(values))
@@ -443,9 +449,9 @@ figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def to_html(title: str, report: dict, sections: list[Section]) -> str:
+def to_html(title: str, report: Report, sections: list[Section]) -> str:
     esc = html.escape
-    gate = report.get("gate")
+    gate = report.gate
     badge = ('<span class="badge none">no gate</span>' if not gate else
              '<span class="badge pass">gate passed</span>' if gate.get("passed") else
              '<span class="badge breach">gate breached</span>')

@@ -3,7 +3,8 @@
     run = Run("runs/w8a8", val_data="embedded:test")
     run.manifest        # Manifest, read once
     run.quantized       # the fake-quant model, loaded once from model.safetensors + quant.safetensors
-    run.fp_model        # the full-precision model it was made from (LoadedModel), rebuilt once
+    run.fp_model        # the full-precision model it was made from (LoadedModel), rebuilt once (or handed over
+                        # by the calibration that just made the checkpoint)
     run.val_images      # the labelled validation images (ImageSet), loaded once
 
 Each is loaded on first use and kept, so a command that goes through several stages reads every file once.
@@ -13,6 +14,7 @@ maskaq_deploy.pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from functools import cached_property
@@ -46,11 +48,16 @@ def model_config_of(manifest: Manifest) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
-def reload_fp_model(manifest: Manifest) -> LoadedModel:
+def reload_fp_model(manifest: Manifest, run_dir=None, checkpoint=None) -> LoadedModel:
     """The full-precision model a quantized checkpoint was made from. Without a checkpoint or pretrained
     weights the model is randomly initialized: it is rebuilt under the seed ``calibrate`` built it with, so
-    the float graph and the quantized one hold the same weights."""
+    the float graph and the quantized one hold the same weights. The FP checkpoint is looked up by what the
+    manifest recorded of it (provenance.find_checkpoint; ``checkpoint``: the caller names it), and checked by
+    size and sha256 before it is parsed."""
     cfg = model_config_of(manifest)
+    found = provenance.find_checkpoint(manifest.to_dict(), run_dir if run_dir is not None else ".", checkpoint)
+    if found is not None:
+        cfg = dataclasses.replace(cfg, checkpoint=str(found))
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             if manifest.seed is not None:
@@ -83,11 +90,13 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 class Run:
     """A run directory; see the module docstring. ``val_data`` (a --val-data spec; None: the embedded test set
-    for the embedded model) and ``limit`` (a seeded subset) choose the validation images."""
+    for the embedded model) and ``limit`` (a seeded subset) choose the validation images. ``checkpoint``: the
+    full-precision checkpoint, given again (a run folder moved to a machine where it lies elsewhere)."""
 
     def __init__(self, path, *, val_data: str | None = None, limit: int | None = None, batch_size: int = 256,
-                 manifest: Manifest | None = None):
+                 manifest: Manifest | None = None, fp_model: LoadedModel | None = None, checkpoint=None):
         self.path = Path(path)
+        self.checkpoint = checkpoint  # the FP checkpoint, when it is no longer where the manifest says
         self.val_data = val_data
         self.limit = limit
         self.batch_size = batch_size
@@ -95,6 +104,8 @@ class Run:
         self.logits: dict = {}  # runtime name -> logits on val_images, filled by pipeline.evaluate
         if manifest is not None:
             self.__dict__["manifest"] = manifest
+        if fp_model is not None:  # the FP model the checkpoint was calibrated from, still in memory
+            self.__dict__["fp_model"] = fp_model
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -142,7 +153,7 @@ class Run:
 
     @cached_property
     def fp_model(self) -> LoadedModel:
-        return self._timed("load_fp", lambda: reload_fp_model(self.manifest))
+        return self._timed("load_fp", lambda: reload_fp_model(self.manifest, self.path, self.checkpoint))
 
     @property
     def model_config(self) -> ModelConfig:

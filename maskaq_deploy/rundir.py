@@ -22,32 +22,25 @@ import shutil
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from maskaq_deploy import layout
 from maskaq_deploy.errors import OutputExistsError, RunLockedError, UsageError
+from maskaq_deploy.layout import lock_path, replaced_path, staging_path  # noqa: F401  (rundir's own vocabulary)
 
-MANIFEST_FILE = "manifest.json"
-DFQ_STATE = Path("dfq") / "run.json"
 # fd and re-entry count of every lock this process holds, by resolved folder: pipeline functions lock the folder
 # too, so a command that already holds it must not lock itself out.
 _held: dict[Path, list] = {}
-# the stages open in this process: a pipeline function asked to write into one writes straight into it
-_open_stages: set[Path] = set()
 
 
-def lock_path(run) -> Path:
-    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
-    return run.parent / f".{run.name}.lock"
+@dataclass(frozen=True)
+class Stage:
+    """A run being written: ``path`` is the folder the stages write into, ``out`` the run folder it replaces when
+    the command succeeds. One command opens one stage (``writing``) and hands it to every stage it runs."""
 
-
-def staging_path(run) -> Path:
-    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
-    return run.parent / f".{run.name}.partial"
-
-
-def replaced_path(run) -> Path:
-    run = _key(run)  # absolute: "." and "runs/x/" name their folder too
-    return run.parent / f".{run.name}.replaced"
+    out: Path
+    path: Path
 
 
 def _key(path) -> Path:
@@ -65,18 +58,19 @@ def is_run(folder) -> bool:
     """Whether ``folder`` is a run of this tool: a manifest this tool wrote, or the state of a calibration that
     was interrupted before its manifest."""
     folder = Path(folder)
-    manifest = _read_json(folder / MANIFEST_FILE)
+    manifest = _read_json(folder / layout.MANIFEST_FILE)
     if isinstance(manifest, dict) and "schema_version" in manifest and "recipe" in manifest:
         return True
-    state = _read_json(folder / DFQ_STATE)
+    state = _read_json(folder / layout.DFQ_DIR / layout.DFQ_STATE_FILE)
     return isinstance(state, dict) and "fingerprint" in state
 
 
 def holds_work(folder) -> bool:
     """Whether ``folder`` holds calibration work worth resuming: synthetic batches or a fine-tune checkpoint
     (observer calibration alone is cheap to redo, so a stage with only that is not kept)."""
-    dfq = Path(folder) / "dfq"
-    return any(dfq.glob("round*/batch*.safetensors")) or (dfq / "finetune.safetensors").is_file()
+    from maskaq_deploy.calib.dfq.state import holds_work as state_holds_work
+
+    return state_holds_work(folder)
 
 
 def check_writable(out) -> None:
@@ -125,7 +119,7 @@ def _acquire(path: Path, command: str) -> int:
             os.close(fd)
             holder = _read_json(path) or {}
             raise RunLockedError(
-                f"{path.parent / path.name[1:-len('.lock')]} is in use by pid {holder.get('pid', '?')} "
+                f"{layout.locked_folder(path)} is in use by pid {holder.get('pid', '?')} "
                 f"({holder.get('command', 'command unknown')}); wait for it to finish or choose another folder"
             ) from None
         # the holder before us may have unlinked the file after we opened it: then our lock is on a dead inode
@@ -150,33 +144,26 @@ def _release(path: Path, fd: int) -> None:
 
 @contextlib.contextmanager
 def writing(out, *, force: bool = False, resume: bool = False, command: str | None = None,
-            main: bool = True) -> Iterator[Path]:
-    """Lock ``out``, check the force/resume rules, and yield the folder to write the new run into: a stage
+            main: bool = True) -> Iterator[Stage]:
+    """Lock ``out``, check the force/resume rules, and yield the Stage to write the new run into: a folder
     beside ``out`` that replaces it only when the block ends without an error. ``main=False`` (the non-writing
-    ranks of a multi-process job) yields the stage's path and touches nothing. Inside a stage this process already
-    opened, yields that stage."""
+    ranks of a multi-process job) yields the Stage and touches nothing."""
     out = Path(out)
-    if _key(out) in _open_stages:
-        yield out
-        return
     stage = staging_path(out)
     if not main:
-        yield stage
+        yield Stage(out, stage)
         return
     check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, command):
         _recover(out)
         _prepare(out, stage, force=force, resume=resume)
-        _open_stages.add(_key(stage))
         try:
-            yield stage
+            yield Stage(out, stage)
         except BaseException:
             if not holds_work(stage):
                 shutil.rmtree(stage, ignore_errors=True)
             raise
-        finally:
-            _open_stages.discard(_key(stage))
         _swap(stage, out)
 
 
@@ -191,9 +178,9 @@ def _prepare(out: Path, stage: Path, *, force: bool, resume: bool) -> None:
                                 "or --force to discard it and start over")
     if _nonempty(out) and not is_run(out):
         if resume:
-            raise UsageError(f"--resume: {out} is not a run of maskaq-deploy (no {MANIFEST_FILE}); give the --out "
-                             "of the run to continue")
-        raise OutputExistsError(f"--out {out} holds files that are not a maskaq-deploy run (no {MANIFEST_FILE})"
+            raise UsageError(f"--resume: {out} is not a run of maskaq-deploy (no {layout.MANIFEST_FILE}); give the "
+                             "--out of the run to continue")
+        raise OutputExistsError(f"--out {out} holds files that are not a maskaq-deploy run (no {layout.MANIFEST_FILE})"
                                 f"{'; --force replaces only runs' if force else ''}; choose another --out or "
                                 "empty it")
     if _nonempty(out) and not (force or resume):
@@ -203,8 +190,8 @@ def _prepare(out: Path, stage: Path, *, force: bool, resume: bool) -> None:
         return  # continue the interrupted run where it stopped
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    if resume and (out / "dfq").is_dir():  # continue the finished batches of the run in ``out``
-        shutil.copytree(out / "dfq", stage / "dfq", copy_function=_link_or_copy)
+    if resume and (out / layout.DFQ_DIR).is_dir():  # continue the finished batches of the run in ``out``
+        shutil.copytree(out / layout.DFQ_DIR, stage / layout.DFQ_DIR, copy_function=_link_or_copy)
 
 
 def _link_or_copy(src, dst):

@@ -32,6 +32,7 @@ from maskaq_deploy.calib.dfq.distributed import SINGLE, DistContext
 from maskaq_deploy.calib.dfq.errors import ResumeError
 
 STATE_VERSION = 1
+STATE_DIR, STATE_FILE = "dfq", "run.json"  # RUN/dfq/run.json (maskaq_deploy.layout reads the names from here)
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -70,18 +71,26 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def holds_work(run_dir) -> bool:
+    """Whether ``run_dir`` holds calibration work worth resuming: synthetic batches or a fine-tune checkpoint
+    (observer calibration alone is cheap to redo)."""
+    root = Path(run_dir) / STATE_DIR
+    # batch_path's files, and the model the fine-tune saves after each epoch (save_model("finetune", ...))
+    return any(root.glob("round*/batch*.safetensors")) or (root / "finetune.safetensors").is_file()
+
+
 class RunState:
     """The files of one run under ``run_dir/dfq``; ``dist``: the process's place in a multi-process run."""
 
     def __init__(self, run_dir, fingerprint: dict, resume: bool, dist: DistContext | None = None):
-        self.root = Path(run_dir) / "dfq"
+        self.root = Path(run_dir) / STATE_DIR
         self.fingerprint = fingerprint
         self.dist = dist or SINGLE
         self.writer = self.dist.is_main  # the one process that reads and writes the files
         self.meta, self.resumed = self.dist.on_main(lambda: self._open(resume), "opening the run state")
 
     def _open(self, resume: bool) -> tuple[dict, bool]:
-        meta_path = self.root / "run.json"
+        meta_path = self.root / STATE_FILE
         if resume and meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text())
@@ -102,7 +111,7 @@ class RunState:
 
     def _write_meta(self) -> None:
         if self.writer:
-            _atomic_json(self.root / "run.json", self.meta)
+            _atomic_json(self.root / STATE_FILE, self.meta)
 
     # --- synthetic batches
     def round_dir(self, rnd: int) -> Path:

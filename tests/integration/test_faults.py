@@ -273,6 +273,16 @@ def with_no_calibration(c: Ctx) -> None:
     c.mp.setattr(pipeline, "_run_method", never)
 
 
+def baseline_top1(value: float):
+    """A --baseline report.json (in the row's folder) whose torch top-1 is ``value``."""
+    def setup(c: Ctx) -> None:
+        report = {"schema_version": 2, "model": "vit_tiny_patch16_224", "recipe": "w8a8", "fp_top1": 10.0,
+                  "num_eval_images": 24, "val_data": str(c.d / "data.npz"),
+                  "runtimes": {"torch": {"top1": value, "agreement_vs_fp": 0.9}}}
+        (c.tmp / "old.json").write_text(json.dumps(report))
+    return setup
+
+
 def lock_holder(c: Ctx, kill: bool = False) -> None:
     """Another process holds the run's lock (``kill``: it then dies by SIGKILL, leaving its lock file)."""
     code = ("import sys, time; from maskaq_deploy import rundir\n"
@@ -478,6 +488,13 @@ FAULTS = {
     "export-opset-5": Fault(lambda c: ["export", c.run, "--opset", 5], 2, "use 17 to 22"),
     "calibrate-batch-0": Fault(lambda c: calibrate(c, None, "--batch-size", 0), 2, "--batch-size",
                                after=nothing_created),
+    # a baseline that cannot be a report fails the gate closed, before any work (a top-1 of -50 would pass it)
+    "baseline-top1-negative": Fault(
+        lambda c: ["verify", c.run, "--val-data", c.d / "data.npz", "--baseline", c.tmp / "old.json",
+                   "--max-regression", 0.5], 2, "outside [0, 100]", baseline_top1(-50.0)),
+    "baseline-top1-over-100": Fault(
+        lambda c: ["verify", c.run, "--val-data", c.d / "data.npz", "--baseline", c.tmp / "old.json",
+                   "--max-regression", 0.5], 2, "outside [0, 100]", baseline_top1(150.0)),
     "limit-negative": Fault(lambda c: ["verify", c.run, "--limit", -5], 2, "--limit"),
     "pretrained-offline": Fault(lambda c: ["calibrate", *MODEL, "--pretrained", "--out", c.new], 2,
                                 "cannot load pretrained weights", empty_hub_cache, nothing_created),

@@ -243,17 +243,21 @@ def test_bench_rows_reach_the_report_before_or_after_verify(run):
 
 
 def test_merge_report_keeps_runtimes_and_latency_of_the_same_run(tmp_path):
-    base = {"model": "m", "recipe": "w8a8", "method": "real", "num_eval_images": 10, "val_data": "v"}
+    base = {"model": "m", "recipe": "w8a8", "method": "real", "num_eval_images": 10, "val_data": "v",
+            "fp_top1": 3.0, "schema_version": REPORT_SCHEMA_VERSION}
     path = tmp_path / "report.json"
-    path.write_text(json.dumps({**base, "runtimes": {"onnxruntime": {"top1": 1.0}}, "latency": [{"batch": 1}],
-                                "gate": {"passed": False}}))
-    merged = merge_report(path, {**base, "runtimes": {"torch": {"top1": 2.0}}})
-    assert set(merged["runtimes"]) == {"onnxruntime", "torch"} and merged["latency"] == [{"batch": 1}]
-    assert "gate" not in merged  # a gate belongs to the verify that applied it
-    other = merge_report(path, {**base, "recipe": "w4a4", "runtimes": {"torch": {"top1": 2.0}}})
-    assert set(other["runtimes"]) == {"torch"} and "latency" not in other
-    path.write_text("[]")
-    assert merge_report(path, {**base, "runtimes": {}})["schema_version"] == REPORT_SCHEMA_VERSION
+    path.write_text(json.dumps({**base, "runtimes": {"onnxruntime": {"top1": 1.0, "agreement_vs_fp": 1.0}},
+                                "latency": [{"batch": 1}], "gate": {"passed": False}}))
+    new = Report.from_dict({**base, "runtimes": {"torch": {"top1": 2.0, "agreement_vs_fp": 1.0}}})
+    merged = merge_report(path, new)
+    assert set(merged.runtimes) == {"onnxruntime", "torch"} and merged.latency == [{"batch": 1}]
+    assert merged.runtimes["onnxruntime"].top1 == 1.0  # typed, as read
+    assert merged.gate is None  # a gate belongs to the verify that applied it
+    other = merge_report(path, Report.from_dict({**new.to_dict(), "recipe": "w4a4"}))
+    assert set(other.runtimes) == {"torch"} and other.latency is None
+    for junk in ("[]", "{not json", json.dumps({**base, "runtimes": {"torch": {"top1": -50.0}}})):
+        path.write_text(junk)  # not a report: nothing of it is kept
+        assert merge_report(path, new) == new
 
 
 def test_cli_verify_gate_exit_codes(run, tmp_path):

@@ -2,6 +2,7 @@
 without weights exported as one network; typed records that round-trip."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import maskaq_deploy.calib.checkpoint as checkpoint
 import maskaq_deploy.run as run_mod
 from maskaq_deploy import pipeline
 from maskaq_deploy.cli import cli
+from maskaq_deploy.errors import ProvenanceError
 from maskaq_deploy.records import Manifest, ProgressEvent, Report
 from maskaq_deploy.run import Run
 from maskaq_deploy.runtimes import BackendError, get_backend
@@ -24,9 +26,11 @@ from tests.conftest import TINY_VIT
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of checkpoint tensor reads (by file name), atomic writes (by file name) and FP model builds."""
+    """Counts of checkpoint tensor reads (by file name), atomic writes (by file name) and FP model builds (by
+    calibration and by a Run's reload alike)."""
     counts = Counter()
     load_file, atomic_path, load_model = checkpoint.load_file, checkpoint.atomic_path, run_mod.load_model
+    assert pipeline.load_model is load_model  # the one loader, imported by name into both modules
 
     def counting_load_file(path, *a, **kw):
         counts["read " + Path(path).name] += 1
@@ -43,6 +47,7 @@ def counted(monkeypatch):
     monkeypatch.setattr(checkpoint, "load_file", counting_load_file)
     monkeypatch.setattr(checkpoint, "atomic_path", counting_atomic_path)
     monkeypatch.setattr(run_mod, "load_model", counting_load_model)
+    monkeypatch.setattr(pipeline, "load_model", counting_load_model)
     return counts
 
 
@@ -52,7 +57,8 @@ def test_bundle_only_build_reads_the_checkpoint_once_and_writes_the_report_once(
                                  str(out), "--method", "real", "--num-images", "16", "--limit", "64", "--quiet"])
     assert r.exit_code == 0, r.output
     assert counted["read model.safetensors"] == 1 and counted["read quant.safetensors"] == 1
-    assert counted["fp model"] == 1  # rebuilt once after calibration, for model.onnx and the FP reference
+    # loaded once: calibration's teacher, then model.onnx and the FP reference (no reload from the manifest)
+    assert counted["fp model"] == 1
     assert counted["write report.json"] == 1
     report = json.loads((out / "report.json").read_text())
     assert set(report["runtimes"]) == {"torch", "onnxruntime"} and report["target"] == "tensorrt"
@@ -170,3 +176,120 @@ def test_a_run_directory_with_a_sparser_manifest_still_verifies(random_run, tmp_
     assert r.exit_code == 0, r.output
     report = json.loads((run_dir / "report.json").read_text())
     assert report["num_eval_images"] == 24 and report["schema_version"] == 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint_run(tmp_path_factory):
+    """A run calibrated from a --checkpoint file outside the run folder (method real, a tiny timm ViT)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", **TINY_VIT).state_dict(), str(d / "ck.safetensors"))
+    rng = np.random.default_rng(0)
+    np.savez(d / "val.npz", images=rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8),
+             labels=rng.integers(0, 10, 24))
+    r = CliRunner().invoke(cli, ["calibrate", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+                                 json.dumps(TINY_VIT), "--checkpoint", str(d / "ck.safetensors"), "--method", "real",
+                                 "--calib-data", str(d / "val.npz"), "--num-images", "16", "--out", str(d / "run"),
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def _moved(checkpoint_run, tmp_path) -> Path:
+    """A copy of the run folder elsewhere, on a 'machine' where the checkpoint is no longer at its old path."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(checkpoint_run / "run", moved)
+    return moved
+
+
+def _verify(run_dir, val) -> object:
+    return CliRunner().invoke(cli, ["verify", str(run_dir), "--val-data", str(val)])
+
+
+def test_the_manifest_identifies_the_checkpoint_by_name_size_and_hash(checkpoint_run):
+    ck = checkpoint_run / "ck.safetensors"
+    record = json.loads((checkpoint_run / "run" / "manifest.json").read_text())["inputs"]["checkpoint"]
+    assert record == {"name": "ck.safetensors", "size": ck.stat().st_size, "sha256": checkpoint.file_sha256(ck),
+                      "path": None}  # outside the run folder: no relative path
+
+
+def test_a_moved_run_folder_finds_its_checkpoint_again(checkpoint_run, tmp_path, monkeypatch):
+    import shutil
+
+    moved, val = _moved(checkpoint_run, tmp_path), checkpoint_run / "val.npz"
+    hidden = tmp_path / "weights" / "renamed.safetensors"
+    hidden.parent.mkdir()
+    monkeypatch.chdir(tmp_path)
+    shutil.move(checkpoint_run / "ck.safetensors", hidden)  # gone from the path the manifest recorded
+    try:
+        r = _verify(moved, val)
+        assert r.exit_code == 2 and "ck.safetensors" in r.stderr and "copy it into the run folder" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        # given again, under another name: found by its hash
+        done = pipeline.verify(Run(moved, val_data=str(val), checkpoint=hidden), sensitivity_images=0)
+        assert done.report.runtimes["torch"].top1 >= 0
+        with pytest.raises(ProvenanceError, match="not the full-precision checkpoint"):
+            Run(moved, checkpoint=val).fp_model  # another file given: refused by size and hash
+        # copied into the run folder under its name
+        shutil.copy(hidden, moved / "ck.safetensors")
+        assert _verify(moved, val).exit_code == 0
+        (moved / "ck.safetensors").unlink()
+        # at the path relative to the run folder that the manifest records
+        (moved / "weights").mkdir()
+        shutil.copy(hidden, moved / "weights" / "fp.safetensors")
+        manifest = json.loads((moved / "manifest.json").read_text())
+        manifest["inputs"]["checkpoint"]["path"] = "weights/fp.safetensors"
+        (moved / "manifest.json").write_text(json.dumps(manifest))
+        assert _verify(moved, val).exit_code == 0
+    finally:
+        shutil.move(hidden, checkpoint_run / "ck.safetensors")
+
+
+def test_a_manifest_naming_another_file_never_opens_it(checkpoint_run, tmp_path, monkeypatch):
+    """An edited manifest points the checkpoint at a file of someone else's: with the size and hash recorded,
+    verify refuses without reading it (size checked first, the hash before any parsing)."""
+    import builtins
+
+    import maskaq_deploy.models as models
+
+    moved, val = _moved(checkpoint_run, tmp_path), checkpoint_run / "val.npz"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["model_config"]["checkpoint"] = str(secret)
+    manifest["inputs"]["checkpoint"]["path"] = "../../secret.txt"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    opened, real_open, real_read = [], builtins.open, models.read_state_dict
+
+    def spying_open(file, *a, **kw):
+        opened.append(Path(os.fspath(file)).resolve() if isinstance(file, (str, os.PathLike)) else file)
+        return real_open(file, *a, **kw)
+
+    def spying_read(path):
+        opened.append(Path(path).resolve())
+        return real_read(path)
+
+    monkeypatch.setattr(builtins, "open", spying_open)
+    monkeypatch.setattr(models, "read_state_dict", spying_read)
+    monkeypatch.chdir(tmp_path)
+    (checkpoint_run / "ck.safetensors").rename(tmp_path / "away.safetensors")
+    try:
+        r = _verify(moved, val)
+    finally:
+        (tmp_path / "away.safetensors").rename(checkpoint_run / "ck.safetensors")
+    assert r.exit_code == 2 and "is not at" in r.stderr, r.output
+    assert secret.resolve() not in opened
+
+
+def test_an_old_manifest_with_only_the_checkpoint_path_still_verifies(checkpoint_run, tmp_path):
+    moved = _moved(checkpoint_run, tmp_path)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    del manifest["inputs"]["checkpoint"]  # as written before the record: the resolved path only
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert _verify(moved, checkpoint_run / "val.npz").exit_code == 0

@@ -181,12 +181,38 @@ def test_missing_baseline(tmp_path):
     (json.dumps({**make_report(), "fp_top1": None}), "key 'fp_top1' is a NoneType"),
     (json.dumps({**make_report(), "schema_version": REPORT_SCHEMA_VERSION + 1}), "upgrade maskaq-deploy"),
     (json.dumps({k: v for k, v in make_report().items() if k != "schema_version"}), "schema_version"),
+    (json.dumps(make_report(torch_top1=-50.0)), "runtime 'torch' top1 -50.0 is outside [0, 100]"),
+    (json.dumps(make_report(onnxruntime=100.5)), "runtime 'onnxruntime' top1 100.5 is outside [0, 100]"),
+    (json.dumps(make_report(fp=-1.0)), "fp_top1 -1.0 is outside [0, 100]"),
+    (json.dumps({**make_report(), "quant_top1": "high"}), "'quant_top1' is not a finite number"),
 ])
 def test_malformed_baseline_gets_one_line(tmp_path, content, fragment):
     base = write(tmp_path / "bad.json", content)
     with pytest.raises(UsageError) as e:
         gate.thresholds(baseline=base, max_regression=0.5)
     one_line_usage(e, "--baseline", "bad.json", fragment)
+
+
+def test_a_baseline_outside_0_100_fails_closed_however_it_is_given(tmp_path):
+    """A top-1 of -50 would make every run look better than the baseline: refused (exit 2), whether the baseline
+    is a file, a run folder, a loaded dict or a Report."""
+    from maskaq_deploy.records import Report
+
+    bad = make_report(98.1, -50.0)
+    write(tmp_path / "report.json", bad)
+    for baseline in (tmp_path / "report.json", tmp_path, bad, Report.from_dict(bad)):
+        with pytest.raises(UsageError) as e:
+            gate.evaluate(make_report(), baseline=baseline, max_regression=0.5)
+        one_line_usage(e, "outside [0, 100]")
+
+
+def test_the_gate_reads_typed_reports(tmp_path):
+    from maskaq_deploy.records import Report
+
+    base = gate.thresholds(baseline=write(tmp_path / "old.json", make_report(98.1, 97.8)), max_regression=0.2)
+    assert isinstance(base.baseline, Report) and base.baseline.runtimes["torch"].top1 == 97.8
+    assert gate.evaluate_thresholds(Report.from_dict(make_report(98.1, 97.6)), base).passed
+    assert not gate.evaluate_thresholds(Report.from_dict(make_report(98.1, 97.5)), base).passed
 
 
 def test_version_1_report_is_a_valid_baseline(tmp_path):

@@ -92,7 +92,7 @@ def benchmark_interleaved(make_backends: dict, input_shape, *, batch_sizes=(1, 8
 
 def profile_ops(path, input_shape, *, batch: int = 1, threads: int | None = None, runs: int = 10, warmup: int = 2,
                 provider: str = "cpu", seed: int = 0) -> list[tuple[str, float]]:
-    """Where onnxruntime spends a run of the graph at ``path``: [(op type, mean ms per run)], largest first.
+    """Where onnxruntime spends a run of the graph at ``path``: [(op type, median ms per run)], largest first.
 
     From onnxruntime's profiler, over ``runs`` runs after ``warmup`` unprofiled ones (the first run allocates).
     The op types are those of the optimized graph, so they name the kernel path onnxruntime took, e.g.
@@ -115,13 +115,17 @@ def profile_ops(path, input_shape, *, batch: int = 1, threads: int | None = None
             for _ in range(runs):
                 rt.run(x)
             trace = json.loads(Path(rt.end_profiling()).read_text())
-    # the profile covers every run; keep the kernels of the last ``runs`` ones
+    # the profile covers every run; keep the kernels of the last ``runs`` ones, and take each op type's median
+    # over them: a run that other processes preempted does not decide the shares
     starts = sorted(ev["ts"] for ev in trace if ev.get("cat") == "Session" and ev.get("name") == "model_run")
-    after = starts[-runs] if len(starts) >= runs else 0
-    by_op: dict[str, float] = defaultdict(float)
+    starts = starts[-runs:]
+    per_run: list[dict[str, float]] = [defaultdict(float) for _ in starts]
     for ev in trace:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] >= after:
-            by_op[ev.get("args", {}).get("op_name", "?")] += ev["dur"] / 1000.0 / runs
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] >= starts[0]:
+            i = int(np.searchsorted(starts, ev["ts"], side="right")) - 1
+            per_run[i][ev.get("args", {}).get("op_name", "?")] += ev["dur"] / 1000.0
+    op_types = {op for r in per_run for op in r}
+    by_op = {op: float(np.median([r.get(op, 0.0) for r in per_run])) for op in op_types}
     return sorted(by_op.items(), key=lambda kv: -kv[1])
 
 

@@ -72,14 +72,20 @@ def exported_flavour(path) -> str | None:
 
 
 def layout_mismatch(path) -> str | None:
-    """Why the graph's integer layout is wrong for this CPU (a graph laid out for VNNI on x86 without it: its
-    u8 x s8 products may saturate), or None."""
+    """Why the graph's integer layout does not suit this CPU, or None. A graph laid out for VNNI on x86 without
+    it: its u8 x s8 products may saturate; one laid out for ARM on x86: onnxruntime runs its s8 x s8 products
+    on a slow path (about 10x slower than u8 x s8 on one layer, docs/onnxruntime.md); any other mismatch: a
+    slower kernel than this CPU has."""
     made_for = exported_metadata(path, cpu.CPU_METADATA_KEY)
     here = cpu.detect()
-    if made_for == cpu.X86_VNNI and here == cpu.X86_AVX2:
-        return (f"{Path(path).name} is laid out for {made_for} CPUs (uint8 x int8), but this CPU is {here}, where "
-                "onnxruntime's uint8 x int8 products can saturate; re-export with --cpu x86-avx2")
-    return None
+    if made_for is None or made_for == here:
+        return None
+    why = {(cpu.X86_VNNI, cpu.X86_AVX2): "onnxruntime's uint8 x int8 products can saturate here",
+           (cpu.ARM, cpu.X86_VNNI): "onnxruntime runs int8 x int8 products on a slow path on x86",
+           (cpu.ARM, cpu.X86_AVX2): "onnxruntime runs int8 x int8 products on a slow path on x86"}.get(
+        (made_for, here), "this CPU has a faster integer layout")
+    return (f"{Path(path).name} is laid out for {made_for} CPUs but this CPU is {here}: {why}; re-export with "
+            f"--cpu {here if here != cpu.X86_VNNI or made_for == cpu.ARM else 'auto'}")
 
 
 class OrtBackend(Backend):

@@ -136,3 +136,11 @@ def test_profile_names_the_kernel_path(tmp_path):
     assert all(ms >= 0 for _, ms in found)
     line = kernel_summary(found)
     assert "MatMulIntegerToFloat" in line and line.count("%") == 2
+
+
+def test_an_arm_graph_on_x86_is_flagged(tmp_path, monkeypatch):
+    m, _, _ = _lowered("arm")
+    path = tmp_path / "arm.onnx"
+    onnx.save(m, str(path))
+    monkeypatch.setattr(cpu, "detect", lambda *a, **k: cpu.X86_VNNI)
+    assert "slow path" in layout_mismatch(path) and "--cpu x86-vnni" in layout_mismatch(path)

@@ -4,36 +4,44 @@
     .venv/bin/python benchmarks/ort_latency.py --quick              # fewer iterations, deit_tiny + embedded
     .venv/bin/python benchmarks/ort_latency.py --threads 2 --iterations 50 --profile
     .venv/bin/python benchmarks/ort_latency.py --keep /tmp/bench --reuse    # re-time exported models
+    .venv/bin/python benchmarks/ort_latency.py --threads 1,2 --profile --markdown docs/onnxruntime.md
+
+``--markdown FILE`` writes the table (with the CPU, its flags, the onnxruntime version and the command) into
+FILE between the lines ``<!-- ort_latency:begin -->`` and ``<!-- ort_latency:end -->`` (the whole file when
+it has no such lines); ``--json FILE`` writes the rows and the machine as JSON.
 
 Variants, all exported with a dynamic batch and run by runtimes.OrtBackend (CPU provider, default
 optimization level, the given intra-op threads) on the same random input, timed round-robin (one run of each
 variant in turn) so that load from other processes hits all of them alike:
 
     fp32            torch -> ONNX float graph (export_fp_onnx)
-    ours-w8a8       our w8a8 export, flavour onnxruntime (calibrated on random / real batches)
+    ours-w8a8       our w8a8 export, flavour onnxruntime, laid out for this CPU (calibrated on random / real
+                    batches)
     ours-w4a16      our w4a16 export, flavour onnxruntime (MatMulNBits, float activations)
     ort-static      onnxruntime.quantization.quantize_static(QDQ, per-channel, u8 activations / s8 weights),
                     calibrated on the same batches
     ort-dynamic     onnxruntime.quantization.quantize_dynamic(s8 weights)
 
-Weights are random for the timm models (speed only). ``--profile`` runs onnxruntime's profiler on ours-w8a8
-and ort-dynamic at the largest batch and prints where the time goes, by op type.
+Weights are random for the timm models (speed only). ``--profile`` runs onnxruntime's profiler on every
+variant at the largest batch and prints where the time goes, by op type (the kernel path each graph took).
+The last column, "ours vs best peer", is the faster of ort-static / ort-dynamic divided by ours-w8a8: 1.00x or
+more means our graph is at least as fast as onnxruntime's own quantizers.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,11 +50,14 @@ from maskaq_deploy.calib import attach_quantizers, calibrate_observers, get_reci
 from maskaq_deploy.calib.calibrate import batches_forward_loop  # noqa: E402
 from maskaq_deploy.export.onnx_export import export_fp_onnx  # noqa: E402
 from maskaq_deploy.export.qdq import export_qdq_onnx  # noqa: E402
-from maskaq_deploy.runtimes import OrtBackend, benchmark_interleaved  # noqa: E402
+from maskaq_deploy.runtimes import OrtBackend, benchmark_interleaved, cpu  # noqa: E402
+from maskaq_deploy.runtimes.bench import kernel_summary, profile_ops  # noqa: E402
 
 log = logging.getLogger("ort_latency")
 
 VARIANTS = ("fp32", "ours-w8a8", "ours-w4a16", "ort-static", "ort-dynamic")
+PEERS = ("ort-static", "ort-dynamic")
+BEGIN, END = "<!-- ort_latency:begin -->", "<!-- ort_latency:end -->"
 
 
 def load_subject(name: str, calib_batches: int, calib_batch_size: int):
@@ -106,22 +117,68 @@ def build_variants(name: str, workdir: Path, args) -> tuple[dict, tuple]:
     return paths, shape
 
 
-def profile(path: Path, shape, batch: int, threads: int, iterations: int, prefix: Path) -> list[tuple[str, float]]:
-    """Mean ms per run by op type, from onnxruntime's profiler."""
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    with OrtBackend(path, threads=threads, profile_prefix=str(prefix)) as rt:
-        for _ in range(iterations):
-            rt.run(x)
-        trace = rt.end_profiling()
-    by_op = defaultdict(float)
-    runs = 0
-    for ev in json.loads(Path(trace).read_text()):
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            by_op[ev["args"].get("op_name", "?")] += ev["dur"] / 1000.0
-        elif ev.get("cat") == "Session" and ev.get("name") == "model_run":
-            runs += 1
-    Path(trace).unlink(missing_ok=True)
-    return sorted(((op, ms / max(runs, 1)) for op, ms in by_op.items()), key=lambda kv: -kv[1])
+def machine() -> dict:
+    """What the figures were measured on."""
+    import onnxruntime
+
+    flags = cpu.cpu_flags()
+    return {"cpu": cpu.cpu_model(), "family": cpu.detect(flags),
+            "flags": [f for f in cpu.REPORTED_FLAGS if f in flags], "cores": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "date": datetime.date.today().isoformat()}
+
+
+def markdown(rows: list[dict], profiles: dict, info: dict, command: str) -> str:
+    """The table (and the kernel paths) as markdown, with the machine and the command that made it."""
+    fp = {(r["model"], r["batch"], r["threads"]): r["median_ms"] for r in rows if r["label"] == "fp32"}
+    cells = {(r["model"], r["batch"], r["threads"], r["label"]): r["median_ms"] for r in rows}
+    lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores; {info['family']}: "
+             f"{' '.join(info['flags'])}), onnxruntime {info['onnxruntime']}, with", "",
+             f"    {command}", "",
+             "Median ms (x FP32 speed); variants timed round-robin in one run.", "",
+             "| model | batch | threads | " + " | ".join(VARIANTS) + " | ours vs best peer |",
+             "|---|---|---|" + "---|" * (len(VARIANTS) + 1)]
+    for model, batch, threads in sorted(fp, key=lambda k: (k[0], k[2], -k[1])):
+        row = [model, str(batch), str(threads)]
+        for v in VARIANTS:
+            ms = cells.get((model, batch, threads, v))
+            row.append("-" if ms is None else f"{ms:.1f}" if v == "fp32" else
+                       f"{ms:.1f} ({fp[(model, batch, threads)] / ms:.2f}x)")
+        ours = cells.get((model, batch, threads, "ours-w8a8"))
+        peers = [cells[(model, batch, threads, p)] for p in PEERS if (model, batch, threads, p) in cells]
+        row.append(f"**{min(peers) / ours:.2f}x**" if ours and peers else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    if profiles:
+        lines += ["", "Kernel path (top op types by share of kernel time, onnxruntime's profiler):", ""]
+        for (model, variant), (batch, threads, ops) in profiles.items():
+            lines.append(f"* {model} {variant} (batch {batch}, {threads} threads): {kernel_summary(ops, 5)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, block: str) -> None:
+    """Put ``block`` between the markers in ``path`` (or make ``path`` the block), atomically."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = f"{head}{BEGIN}\n{block}{END}{tail}"
+    else:
+        text = f"{BEGIN}\n{block}{END}\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _timing_args(argv) -> list[str]:
+    """The command-line arguments that decide the figures (not where they are written)."""
+    out, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip:
+            skip = False
+        elif a in ("--markdown", "--json", "--keep"):
+            skip = True
+        elif not a.startswith(("--markdown=", "--json=", "--keep=", "--reuse")):
+            out.append(a)
+    return out
 
 
 def main(argv=None) -> int:
@@ -134,7 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="5 iterations, 2 warm-up, embedded + deit_tiny only")
-    p.add_argument("--profile", action="store_true", help="profile ours-w8a8 and ort-dynamic at the largest batch")
+    p.add_argument("--profile", action="store_true", help="profile every variant at the largest batch")
+    p.add_argument("--markdown", default=None, help="write the table into this markdown file (between markers)")
+    p.add_argument("--json", default=None, help="write the rows and the machine to this JSON file")
     p.add_argument("--keep", default=None, help="keep the exported models in this folder")
     p.add_argument("--reuse", action="store_true", help="with --keep: time the models already there")
     args = p.parse_args(argv)
@@ -166,9 +225,9 @@ def main(argv=None) -> int:
             row.update(model=name, size_mb=os.path.getsize(paths[row["label"]]) / 1e6)
         rows += sorted(r, key=lambda row: (row["threads"], VARIANTS.index(row["label"]), row["batch"]))
         if args.profile:
-            for variant in ("ours-w8a8", "ort-dynamic"):
-                profiles[(name, variant)] = profile(paths[variant], shape, max(batches), max(threads),
-                                                    args.iterations, workdir / f"profile-{variant}")
+            for variant in VARIANTS:
+                profiles[(name, variant)] = (max(batches), max(threads), profile_ops(
+                    paths[variant], shape, batch=max(batches), threads=max(threads), runs=min(args.iterations, 10)))
 
     fp = {(r["model"], r["batch"], r["threads"]): r["median_ms"] for r in rows if r["label"] == "fp32"}
     head = f"{'model':<24} {'variant':<12} {'batch':>5} {'thr':>3} {'median ms':>10} {'p90 ms':>9} " \
@@ -179,12 +238,25 @@ def main(argv=None) -> int:
         speedup = fp[(r["model"], r["batch"], r["threads"])] / r["median_ms"]
         print(f"{r['model']:<24} {r['label']:<12} {r['batch']:>5} {r['threads']:>3} {r['median_ms']:>10.2f} "
               f"{r['p90_ms']:>9.2f} {r['throughput_ips']:>9.1f} {speedup:>7.2f}x {r['size_mb']:>7.2f}")
-    for (name, variant), ops in profiles.items():
+    for (name, variant), (_, _, ops) in profiles.items():
         total = sum(ms for _, ms in ops)
         print(f"\nprofile {name} {variant} (batch {max(batches)}, {max(threads)} threads): "
               f"{total:.1f} ms/run in kernels")
         for op, ms in ops[:8]:
             print(f"  {op:<28} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    info = machine()
+    command = "python benchmarks/ort_latency.py " + " ".join(shlex.quote(a) for a in _timing_args(argv))
+    print(f"\n{info['cpu']} ({info['family']}: {' '.join(info['flags'])}), onnxruntime {info['onnxruntime']}")
+    if args.markdown:
+        write_markdown(Path(args.markdown), markdown(rows, profiles, info, command))
+        log.info("wrote the table into %s", args.markdown)
+    if args.json:
+        out = {"machine": info, "command": command, "rows": rows,
+               "profiles": [{"model": m, "variant": v, "batch": b, "threads": t, "ops": ops}
+                            for (m, v), (b, t, ops) in profiles.items()]}
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.json)
     if not args.keep:
         log.info("exported models were in %s (pass --keep DIR to keep them)", root)
         import shutil

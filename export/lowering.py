@@ -10,7 +10,8 @@ Q/DQ pass.
     Int4BlockDQ       INT4 block weights -> INT4 initializer + blocked DequantizeLinear (opset 21)
     BlockDQ           other block-wise weights -> int8 initializer + blocked DequantizeLinear (opset 21)
     RefuseBlock       block-wise weights the flavour cannot run -> TargetError
-    IntegerMatMul     int8 weights with a quantized activation -> com.microsoft MatMulIntegerToFloat
+    IntegerMatMul     8-bit weights with a quantized activation -> com.microsoft MatMulIntegerToFloat (int8 or
+                      uint8 weights, by the CPU family: export/ortcpu.py)
     ChannelDQ         per-channel int8 or FP8 E4M3 initializer + DequantizeLinear (the general form)
 
 Every lowering writes float32 scales; the half-precision pass (export/precision.py) converts the whole graph's
@@ -25,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from onnx import NodeProto, TensorProto, helper
 
-from maskaq_deploy.export import int4
+from maskaq_deploy.export import int4, ortcpu
 from maskaq_deploy.export.errors import ExportError, TargetError
 from maskaq_deploy.export.graph import GraphEdit
 from maskaq_deploy.export.qparams import WeightParams
@@ -46,6 +47,7 @@ class WeightSite:
     act_inputs: list  # the op's other inputs that carry activation Q/DQ
     flavour: str
     opset: int
+    cpu: str | None = None  # the onnxruntime flavour's CPU family (export/ortcpu.py)
 
     @property
     def weight_only(self) -> bool:
@@ -135,7 +137,7 @@ class IntegerMatMul:
         return not site.params.float8 and site.act_inputs == [0] and site.is_rhs
 
     def emit(self, site: WeightSite) -> None:
-        _lower_integer_matmul(site.G, site.node, site.params)
+        _lower_integer_matmul(site.G, site.node, site.params, signed=ortcpu.resolve(site.cpu) != ortcpu.X86_AVX2)
 
 
 class ChannelDQ:
@@ -219,25 +221,31 @@ def _bias_add(G: GraphEdit, node, n_out: int):
     return add, other
 
 
-def _lower_integer_matmul(G: GraphEdit, node, p: WeightParams) -> None:
+def _lower_integer_matmul(G: GraphEdit, node, p: WeightParams, *, signed: bool) -> None:
     """A @ W^T (+ bias) with a quantized activation A -> com.microsoft MatMulIntegerToFloat.
 
     onnxruntime's own QDQ fusion would not get here: its MatMulAddFusion first turns MatMul + Add on 3-D
     inputs into Reshape + float Gemm, which then stays float (measured 4-5x slower on a DeiT-S-sized layer).
 
-    The weights go in a uint8 container (codes + 128, zero point 128: the same values). With int8 weights
-    onnxruntime runs uint8 x int8 products, which on x86 CPUs without VNNI (AVX2 and plain AVX-512) sum pairs
-    in 16 bits and saturate: 255 * 127 * 2 > 32767. A linear layer then came out at 21 dB SQNR instead of
-    exact. uint8 x uint8 takes a kernel that widens first, exact on every CPU.
+    ``signed``: the weights stay int8 with no zero point (x86 with VNNI, ARM): onnxruntime's VNNI kernel adds
+    uint8 x int8 products in 32 bits, exact, about twice as fast as uint8 weights, which onnxruntime 1.32 runs
+    on a u8 x u8 kernel that widens to 16 bits first. Otherwise (x86 without VNNI: AVX2, plain AVX-512) the
+    weights go in a uint8 container (codes + 128, zero point 128: the same values): the u8 x s8 kernel there
+    sums pairs of products in 16 bits and saturates (255 * 127 * 2 > 32767; a linear layer came out at 21 dB
+    SQNR), while u8 x u8 widens first and is exact.
     """
     a = node.input[0]
     q, a_scale, a_zp, _ = G.act_q[a]
     n, k = p.codes.shape
-    codes = np.ascontiguousarray(p.codes.T).astype(np.int16) + 128  # [K, N], signed grid moved up by 128
-    w = G.const(f"{p.name}.uint8", codes.astype(np.uint8))
-    G.bits[w] = p.bits
     w_scale = G.const(f"{p.name}.scale", p.scale.astype(np.float32))
-    w_zp = G.const(f"{p.name}.zero_point", np.full(n, 128, dtype=np.uint8))
+    if signed:
+        w = G.const(f"{p.name}.int8", np.ascontiguousarray(p.codes.T).astype(np.int8))  # [K, N]
+        w_zp = ""  # symmetric: zero point 0, and the kernel skips the column-offset correction
+    else:
+        codes = np.ascontiguousarray(p.codes.T).astype(np.int16) + 128  # [K, N], signed grid moved up by 128
+        w = G.const(f"{p.name}.uint8", codes.astype(np.uint8))
+        w_zp = G.const(f"{p.name}.zero_point", np.full(n, 128, dtype=np.uint8))
+    G.bits[w] = p.bits
     inputs = [q, w, a_scale, w_scale, a_zp, w_zp]
     out = node.output[0]
     if node.op_type == "Gemm":
@@ -250,6 +258,8 @@ def _lower_integer_matmul(G: GraphEdit, node, p: WeightParams) -> None:
             inputs.append(bias)
             out = add.output[0]
             G.drop(add)
+    while not inputs[-1]:  # no trailing empty optional inputs
+        inputs.pop()
     new = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=G.unique(f"{p.name}/MatMulIntegerToFloat"),
                            domain=int4.MS_DOMAIN)
     G.substitute(node, [new])

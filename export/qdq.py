@@ -65,6 +65,7 @@ from maskaq_deploy.export.onnx_export import (
     trace_to_onnx,
 )
 from maskaq_deploy.export.lowering import WeightSite, float8_initializer
+from maskaq_deploy.export.ortcpu import CPU_METADATA_KEY
 from maskaq_deploy.export.precision import BF16_OPSET, FLOAT_DTYPE_KEY, to_float_dtype
 from maskaq_deploy.export.qparams import ActParams, WeightParams
 from maskaq_deploy.export.registry import REGISTRY, Flavour, InputKind, OpRule, get_flavour
@@ -197,19 +198,18 @@ def _insert_act(G: GraphEdit, marker, p: ActParams, flavour: Flavour, registry) 
         G.new_inits.append(float8_initializer(zp, np.zeros((), np.float32)))
         _emit_act_qdq(G, marker, p, [], marker.input[0], zp)
         return
-    if not flavour.unsigned_acts:
-        if not p.symmetric or p.bits != 8:
-            grid = f"{p.bits}-bit {'symmetric' if p.symmetric else 'asymmetric'}"
-            raise TargetError(f"activation quantizer {p.name} is {grid}; flavour {flavour.name} takes only "
-                              "symmetric 8-bit activations: use an int8 recipe, or flavour 'onnxruntime'")
-        zp_dtype, offset, lo_c, hi_c = np.int8, 0, -128, 127
-    else:
+    if not flavour.simulate_grids and (p.bits != 8 or not p.symmetric):
+        grid = f"{p.bits}-bit {'symmetric' if p.symmetric else 'asymmetric'}"
+        raise TargetError(f"activation quantizer {p.name} is {grid}; flavour {flavour.name} takes only "
+                          "symmetric 8-bit activations: use an int8 recipe, or flavour 'onnxruntime'")
+    if flavour.unsigned_acts:
         # uint8 container: a signed grid moves up by 128 (same values, zero point 128)
         zp_dtype, lo_c, hi_c = np.uint8, 0, 255
         offset = 128 if p.qmin < 0 else 0
-        if not flavour.simulate_grids and (p.bits != 8 or not p.symmetric):
-            raise TargetError(f"activation quantizer {p.name}: flavour {flavour.name} cannot hold a "
-                              f"{p.bits}-bit grid")
+    elif p.qmin < 0 or not flavour.simulate_grids:
+        zp_dtype, offset, lo_c, hi_c = np.int8, 0, -128, 127
+    else:  # an unsigned grid (e.g. softmax probabilities) where signed ones stay int8: uint8 as it is
+        zp_dtype, offset, lo_c, hi_c = np.uint8, 0, 0, 255
     zp_c = p.zero_point + offset
     if not lo_c <= zp_c <= hi_c or p.qmin + offset < lo_c or p.qmax + offset > hi_c:
         raise ExportError(f"activation quantizer {p.name}: grid [{p.qmin}, {p.qmax}] with zero point "
@@ -282,17 +282,19 @@ def _insert_weight(G: GraphEdit, marker, p: WeightParams, flavour: Flavour, regi
     for n in [marker, *chain]:
         G.drop(n)
     G.bits[consumed] = p.bits
-    rule.lower_weight(WeightSite(G, node, idx, p, codes, scale, dims, consumed, act_inputs, flavour.name, opset))
+    rule.lower_weight(WeightSite(G, node, idx, p, codes, scale, dims, consumed, act_inputs, flavour.name, opset,
+                                       flavour.cpu))
 
 
 def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = ONNXRUNTIME, *,
-               registry: dict[str, OpRule] | None = None) -> onnx.ModelProto:
+               registry: dict[str, OpRule] | None = None, cpu: str | None = None) -> onnx.ModelProto:
     """Replace every marker in ``proto`` (in place) by Q/DQ / quantized weights from ``params``; returns it.
 
-    ``params``: {quantizer name: ActParams | WeightParams}. Raises UnsupportedOpError when a quantizer feeds an
+    ``params``: {quantizer name: ActParams | WeightParams}. ``cpu``: the CPU family an onnxruntime graph is
+    laid out for (export/ortcpu.py; None: this machine's). Raises UnsupportedOpError when a quantizer feeds an
     op input the registry does not allow, TargetError when the flavour cannot express a quantizer.
     """
-    fl = get_flavour(flavour)
+    fl = get_flavour(flavour, cpu)
     registry = REGISTRY if registry is None else registry
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), INT4_OPSET)
     G = GraphEdit(proto)
@@ -319,7 +321,10 @@ def insert_qdq(proto: onnx.ModelProto, params: dict, flavour: str | Flavour = ON
             not any(o.domain == int4.MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(int4.MS_DOMAIN, 1))
     proto.ir_version = ir_version_for(opset)
-    set_metadata(proto, {BITS_METADATA_KEY: json.dumps(G.bits, sort_keys=True), "maskaq.flavour": fl.name})
+    meta = {BITS_METADATA_KEY: json.dumps(G.bits, sort_keys=True), "maskaq.flavour": fl.name}
+    if fl.cpu is not None:
+        meta[CPU_METADATA_KEY] = fl.cpu
+    set_metadata(proto, meta)
     return proto
 
 
@@ -338,6 +343,7 @@ class QDQExport:
     num_quantizers: int
     op_counts: dict = field(default_factory=dict)
     float_dtype: str = "fp32"
+    cpu: str | None = None  # onnxruntime flavour: the CPU family it is laid out for (export/ortcpu.py)
 
 
 def needs_int4_opset(model: nn.Module) -> bool:
@@ -356,13 +362,14 @@ class MarkedGraph:
     attention_qdq: bool = True  # the attention matmuls carry Q/DQ
 
     def to_qdq(self, flavour: str = ONNXRUNTIME, *, registry: dict[str, OpRule] | None = None,
-               float_dtype: str | None = None) -> onnx.ModelProto:
+               float_dtype: str | None = None, cpu: str | None = None) -> onnx.ModelProto:
         """The QDQ graph for ``flavour``; ``float_dtype`` (None: the flavour's default, fp16 for tensorrt)
-        is the dtype everything unquantized computes in."""
-        dtype = get_flavour(flavour).float_dtype(float_dtype)
+        is the dtype everything unquantized computes in; ``cpu``: see ``insert_qdq``."""
+        fl = get_flavour(flavour, cpu)
+        dtype = fl.float_dtype(float_dtype)
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
-        insert_qdq(proto, self.params, flavour, registry=registry)
+        insert_qdq(proto, self.params, fl, registry=registry)
         to_float_dtype(proto, dtype)
         set_metadata(proto, {FLOAT_DTYPE_KEY: dtype})
         try:
@@ -423,10 +430,11 @@ def trace_quantized(model: nn.Module, options: ExportOptions, *, attention_qdq: 
 
 
 def build_qdq_model(model: nn.Module, options: ExportOptions, flavour: str = ONNXRUNTIME, *,
-                    registry: dict[str, OpRule] | None = None, float_dtype: str | None = None) -> onnx.ModelProto:
+                    registry: dict[str, OpRule] | None = None, float_dtype: str | None = None,
+                    cpu: str | None = None) -> onnx.ModelProto:
     """The QDQ ModelProto of a calibrated quantized model (nothing written). ``options.opset`` must be set."""
-    get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
-    return trace_quantized(model, options).to_qdq(flavour, registry=registry, float_dtype=float_dtype)
+    get_flavour(flavour, cpu).float_dtype(float_dtype)  # fail before the (slow) trace
+    return trace_quantized(model, options).to_qdq(flavour, registry=registry, float_dtype=float_dtype, cpu=cpu)
 
 
 def default_options(model: nn.Module, *, input_shape=None, batch_size: int = 1, dynamic_batch: bool = False,
@@ -440,9 +448,10 @@ def default_options(model: nn.Module, *, input_shape=None, batch_size: int = 1, 
 
 
 def write_qdq(marked: MarkedGraph, path, flavour: str = ONNXRUNTIME, *, registry: dict[str, OpRule] | None = None,
-              metadata: dict | None = None, float_dtype: str | None = None) -> QDQExport:
+              metadata: dict | None = None, float_dtype: str | None = None, cpu: str | None = None) -> QDQExport:
     """Write the ``flavour`` QDQ graph of an already traced model (trace once, write both flavours)."""
-    proto = marked.to_qdq(flavour, registry=registry, float_dtype=float_dtype)
+    fl = get_flavour(flavour, cpu)
+    proto = marked.to_qdq(fl, registry=registry, float_dtype=float_dtype)
     o = marked.options
     meta = {"maskaq.kind": "qdq", "maskaq.input_size": ",".join(map(str, o.input_shape)),
             "maskaq.attention_qdq": "on" if marked.attention_qdq else "off"}
@@ -451,27 +460,30 @@ def write_qdq(marked: MarkedGraph, path, flavour: str = ONNXRUNTIME, *, registry
     out = save_onnx(proto, path)
     counts = dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
     log.info("wrote %s (%s flavour, %d quantizers)", out, flavour, len(marked.params))
-    dtype = get_flavour(flavour).float_dtype(float_dtype)
-    return QDQExport(out, flavour, o.opset, o.dynamic_batch, o.batch_size, o.input_shape, len(marked.params), counts,
-                     dtype)
+    dtype = fl.float_dtype(float_dtype)
+    return QDQExport(out, fl.name, o.opset, o.dynamic_batch, o.batch_size, o.input_shape, len(marked.params), counts,
+                     dtype, fl.cpu)
 
 
 def export_qdq_onnx(model: nn.Module, path, *, flavour: str = ONNXRUNTIME, input_shape=None,
                     batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
                     registry: dict[str, OpRule] | None = None, metadata: dict | None = None,
-                    float_dtype: str | None = None, attention_qdq: bool | None = None) -> QDQExport:
+                    float_dtype: str | None = None, attention_qdq: bool | None = None,
+                    cpu: str | None = None) -> QDQExport:
     """Export a calibrated quantized model as a QDQ ONNX file for ``flavour`` ("tensorrt" | "onnxruntime").
 
     ``input_shape`` (C, H, W) defaults to the model's; the batch is fixed to ``batch_size`` unless
     ``dynamic_batch``. ``metadata`` goes into the model's metadata_props (e.g. the recipe name). ``opset``
     None: 20, or 21 when the model has block-wise (INT4) weights, 22 for bf16. ``float_dtype``: what the unquantized ops
     compute in, "fp16" (the tensorrt default), "bf16" or "fp32" (onnxruntime: fp32 only); I/O stay float32.
-    ``attention_qdq``: see ``trace_quantized``.
+    ``attention_qdq``: see ``trace_quantized``. ``cpu``: the CPU family an onnxruntime graph is laid out for,
+    "x86-vnni", "x86-avx2" or "arm" (None / "auto": this machine's; export/ortcpu.py), recorded in its
+    metadata.
     """
-    dtype = get_flavour(flavour).float_dtype(float_dtype)  # fail before the (slow) trace
+    dtype = get_flavour(flavour, cpu).float_dtype(float_dtype)  # fail before the (slow) trace
     if opset is None and dtype == "bf16":
         opset = BF16_OPSET
     options = default_options(model, input_shape=input_shape, batch_size=batch_size, dynamic_batch=dynamic_batch,
                               opset=opset)
     marked = trace_quantized(model, options, attention_qdq=attention_qdq)
-    return write_qdq(marked, path, flavour, registry=registry, metadata=metadata, float_dtype=float_dtype)
+    return write_qdq(marked, path, flavour, registry=registry, metadata=metadata, float_dtype=float_dtype, cpu=cpu)

@@ -20,9 +20,10 @@ and their activation containers are defined here, once (``FLAVOURS``).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from maskaq_deploy.export import lowering as lw
+from maskaq_deploy.export import ortcpu
 from maskaq_deploy.export.errors import ExportError, TargetError
 from maskaq_deploy.runtimes import targets
 from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT
@@ -33,16 +34,24 @@ class Flavour:
     """What one export flavour does with activations (weights: the ops' lowerings below).
 
     ``unsigned_acts``: activations in a uint8 container (a signed grid moves up by 128, zero point 128), which
-    onnxruntime's integer kernels need; otherwise int8 with zero point 0, as TensorRT requires.
-    ``simulate_grids``: sub-8-bit or asymmetric activation grids become a Clip + 8-bit Q/DQ; otherwise they are
-    a TargetError. ``float_dtypes``: the dtypes the unquantized ops may compute in (``--float-dtype``), the
-    default first (export/precision.py).
+    onnxruntime's x86 integer kernels need; otherwise a signed grid stays int8 with zero point 0 (TensorRT, and
+    onnxruntime on ARM). ``simulate_grids``: sub-8-bit or asymmetric activation grids become a Clip + 8-bit
+    Q/DQ; otherwise they are a TargetError. ``float_dtypes``: the dtypes the unquantized ops may compute in
+    (``--float-dtype``), the default first (export/precision.py). ``cpu``: the CPU family an onnxruntime graph
+    is laid out for (export/ortcpu.py); None for TensorRT.
     """
 
     name: str
     unsigned_acts: bool
     simulate_grids: bool
     float_dtypes: tuple[str, ...]
+    cpu: str | None = None
+
+    @property
+    def signed_weights(self) -> bool:
+        """Integer-kernel weights stay int8 (zero point 0); otherwise uint8 with zero point 128 (x86 without
+        VNNI, where onnxruntime's u8 x s8 products saturate)."""
+        return self.cpu != ortcpu.X86_AVX2
 
     def float_dtype(self, requested: str | None) -> str:
         """``requested`` (None: the default) if this flavour computes in it; ExportError otherwise."""
@@ -63,10 +72,21 @@ FLAVOURS: dict[str, Flavour] = {
 }
 
 
-def get_flavour(name) -> Flavour:
+def get_flavour(name, cpu: str | None = None) -> Flavour:
+    """The flavour called ``name``; for onnxruntime, laid out for CPU family ``cpu`` (None / "auto": this
+    machine's, export/ortcpu.py). A Flavour passes through (``cpu`` must then be None or agree)."""
     if isinstance(name, Flavour):
+        if cpu not in (None, ortcpu.AUTO) and name.cpu != cpu:
+            raise ExportError(f"flavour {name.name} is laid out for {name.cpu}, not {cpu}")
         return name
-    return FLAVOURS[targets.check_name(name, targets.FLAVOURS, "export flavour", ExportError)]
+    fl = FLAVOURS[targets.check_name(name, targets.FLAVOURS, "export flavour", ExportError)]
+    if fl.name != ONNXRUNTIME:
+        if cpu not in (None, ortcpu.AUTO):
+            raise ExportError(f"a CPU family ({cpu}) is for the onnxruntime flavour; {fl.name} has one layout")
+        return fl
+    family = ortcpu.resolve(cpu)
+    # x86 integer kernels take uint8 activations; ARM's take int8 as they are
+    return replace(fl, cpu=family, unsigned_acts=family != ortcpu.ARM)
 
 
 class InputKind(str, enum.Enum):

@@ -464,7 +464,10 @@ def build(out, force, quiet, resume, target, val_data, limit, dynamic_batch, bun
 @FLOAT_DTYPE_OPTION
 @click.option("--attention-qdq", type=click.Choice(["on", "off"]), default=None,
               help="Q/DQ on the attention matmuls (default: as calibrated); off keeps them in the float dtype.")
-def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq):
+@click.option("--cpu", "cpu", default="auto", show_default=True,
+              type=click.Choice(["auto", "x86-vnni", "x86-avx2", "arm"]),
+              help="--for onnxruntime: the CPU family the integer layout is for (auto: this machine's).")
+def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype, attention_qdq, cpu):
     """Export the quantized checkpoint RUN to a QDQ ONNX graph (and its float graph to RUN/model.onnx)."""
     from maskaq_deploy.deploy import check_float_dtype, conformance, export
     from maskaq_deploy.export.onnx_export import MAX_OPSET, MIN_OPSET
@@ -474,12 +477,18 @@ def export_cmd(run, flavour, out, batch_size, dynamic_batch, opset, float_dtype,
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
     check_float_dtype(float_dtype, flavour)
+    if cpu != "auto" and flavour != ONNXRUNTIME:
+        raise UsageError(f"--cpu {cpu} is for --for onnxruntime; {flavour} has one integer layout")
     with _run_lock(run):
         res = export(Run(run), flavour, out=out, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset,
-                     float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq))
+                     float_dtype=float_dtype, attention_qdq=_on_off(attention_qdq), cpu=cpu)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
-        "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "Gemm", "Conv"))
-    click.echo(f"wrote {res.qdq_path} ({flavour}, {res.float_dtype}, opset {res.opset}; {counts})")
+        "QuantizeLinear", "DequantizeLinear", "MatMul", "MatMulNBits", "MatMulIntegerToFloat", "Gemm", "Conv"))
+    layout = f", for {res.cpu} CPUs" if res.cpu else ""
+    click.echo(f"wrote {res.qdq_path} ({flavour}{layout}, {res.float_dtype}, opset {res.opset}; {counts})")
+    if flavour == ONNXRUNTIME and res.op_counts.get("MatMulNBits"):
+        click.echo("note: INT4 weight-only graphs buy size, not CPU speed: onnxruntime runs MatMulNBits with float "
+                   "activations at about FP32 latency (docs/onnxruntime.md); w8a8 is the fastest recipe on CPU")
     if flavour == TENSORRT:
         bad = conformance(res.qdq_path)
         click.echo(f"TensorRT conformance: {len(bad)} violation(s)")
@@ -557,6 +566,11 @@ def bench_cmd(artifact, batch_sizes, threads, warmup, iterations, provider):
         table.add_row(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['throughput']:.1f}")
     Console().print(table)
+    from maskaq_deploy.runtimes.bench import graph_kernel_line
+
+    click.echo(graph_kernel_line(Path(artifact) if Path(artifact).is_file() else Path(artifact) /
+                                 "model.qdq.dynamic.onnx", batch=max(r["batch"] for r in rows),
+                                 threads=max(r["threads"] for r in rows), provider=provider))
 
 
 @cli.command("sensitivity")

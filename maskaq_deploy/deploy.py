@@ -39,6 +39,7 @@ class ExportResult:
     batch_size: int
     op_counts: dict
     float_dtype: str = "fp32"
+    cpu: str | None = None  # onnxruntime: the CPU family the integer layout is for (also in the graph metadata)
 
 
 def check_target(recipe_name: str, target: str, float_dtype: str | None = None) -> None:
@@ -66,9 +67,10 @@ def check_build_float_dtype(target: str, float_dtype: str | None) -> None:
 
 def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = None, fp_too: bool = True,
            batch_size: int = 1, dynamic_batch: bool = False, opset: int | None = None,
-           float_dtype: str | None = None, attention_qdq: bool | None = None) -> ExportResult:
+           float_dtype: str | None = None, attention_qdq: bool | None = None,
+           cpu: str | None = None) -> ExportResult:
     """Export the run's checkpoint to QDQ ONNX (and its float graph to RUN/model.onnx).
-    ``float_dtype`` / ``attention_qdq``: see export.qdq.export_qdq_onnx."""
+    ``float_dtype`` / ``attention_qdq`` / ``cpu``: see export.qdq.export_qdq_onnx."""
     from maskaq_deploy.export import export_fp_onnx, export_qdq_onnx  # onnx: only when exporting
 
     check_name(flavour, FLAVOURS, "export flavour", UsageError)
@@ -82,13 +84,13 @@ def export(run: Run, flavour: str = ONNXRUNTIME, *, out: str | Path | None = Non
             **provenance.artifact_metadata(run.path, manifest.to_dict())}
     res = export_qdq_onnx(run.quantized, qdq_path, flavour=flavour, batch_size=batch_size,
                           dynamic_batch=dynamic_batch, opset=opset, metadata=meta, float_dtype=float_dtype,
-                          attention_qdq=attention_qdq)
+                          attention_qdq=attention_qdq, cpu=cpu if flavour == ONNXRUNTIME else None)
     fp_path = None
     if fp_too:
         fp_path = run.path / layout.FP_ONNX
         export_fp_onnx(run.fp_model.model, fp_path, batch_size=batch_size, dynamic_batch=dynamic_batch)
     return ExportResult(fp_path, Path(res.path), flavour, res.opset, res.dynamic_batch, res.batch_size,
-                        dict(res.op_counts), res.float_dtype)
+                        dict(res.op_counts), res.float_dtype, res.cpu)
 
 
 def artifact_file(runtime: str) -> str:

@@ -10,8 +10,10 @@ Session settings that matter for our graphs:
   their int8 Q/DQ MatMuls into integer kernels that, on x86 CPUs without VNNI (AVX2, plain AVX-512), add
   pairs of int8 products in 16 bits and saturate (a DeiT block came out at 25-28 dB SQNR instead of 45+).
   Those graphs are for TensorRT; onnxruntime runs them to check them, so it computes DequantizeLinear and a
-  float MatMul: the values TensorRT's int8 kernels compute exactly. (The ``onnxruntime`` flavour is written
-  with uint8 x uint8 integer MatMuls, which are exact on every CPU.)
+  float MatMul: the values TensorRT's int8 kernels compute exactly. (The ``onnxruntime`` flavour is laid out
+  for one CPU family, recorded in its metadata: uint8 x int8 integer MatMuls for x86 with VNNI, exact and
+  fastest there; uint8 x uint8, exact on every x86 CPU, for x86 without VNNI. A graph laid out for VNNI that
+  runs on a CPU without it logs a warning: re-export it with ``--cpu x86-avx2``.)
 * intra-op threads: explicit, so benchmarks say what they used.
 
 A model exported with a fixed batch size still takes any number of images: they are run in chunks of that
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskaq_deploy.runtimes import cpu
 from maskaq_deploy.runtimes.base import Backend
 from maskaq_deploy.runtimes.errors import BackendError, BackendUnavailable
 from maskaq_deploy.runtimes.targets import ONNXRUNTIME, TENSORRT
@@ -52,16 +55,38 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def exported_flavour(path) -> str | None:
-    """The ``maskaq.flavour`` an exported graph records in its metadata (None: not one of ours, or unreadable;
-    the session load reports what is wrong with the file)."""
+def exported_metadata(path, key: str) -> str | None:
+    """The value an exported graph records under ``key`` in its metadata (None: absent, not one of ours, or
+    unreadable; the session load reports what is wrong with the file)."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # a missing or broken file: _load says so in its own words
         return None
-    return next((p.value for p in model.metadata_props if p.key == "maskaq.flavour"), None)
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def exported_flavour(path) -> str | None:
+    """The ``maskaq.flavour`` an exported graph records in its metadata."""
+    return exported_metadata(path, "maskaq.flavour")
+
+
+def layout_mismatch(path) -> str | None:
+    """Why the graph's integer layout does not suit this CPU, or None. A graph laid out for VNNI on x86 without
+    it: its u8 x s8 products may saturate; one laid out for ARM on x86: onnxruntime runs its s8 x s8 products
+    on a slow path (about 10x slower than u8 x s8 on one layer, docs/onnxruntime.md); any other mismatch: a
+    slower kernel than this CPU has."""
+    made_for = exported_metadata(path, cpu.CPU_METADATA_KEY)
+    here = cpu.detect()
+    if made_for is None or made_for == here:
+        return None
+    why = {(cpu.X86_VNNI, cpu.X86_AVX2): "onnxruntime's uint8 x int8 products can saturate here",
+           (cpu.ARM, cpu.X86_VNNI): "onnxruntime runs int8 x int8 products on a slow path on x86",
+           (cpu.ARM, cpu.X86_AVX2): "onnxruntime runs int8 x int8 products on a slow path on x86"}.get(
+        (made_for, here), "this CPU has a faster integer layout")
+    return (f"{Path(path).name} is laid out for {made_for} CPUs but this CPU is {here}: {why}; re-export with "
+            f"--cpu {here if here != cpu.X86_VNNI or made_for == cpu.ARM else 'auto'}")
 
 
 class OrtBackend(Backend):
@@ -135,6 +160,9 @@ class OrtBackend(Backend):
         ok, why = self.available(self.provider)
         if not ok:
             raise BackendUnavailable(f"onnxruntime: {why}")
+        mismatch = layout_mismatch(self.path)
+        if mismatch:
+            log.warning(mismatch)
         providers = [self.provider] + (["CPUExecutionProvider"] if self.provider != "CPUExecutionProvider" else [])
         try:
             self.session = ort.InferenceSession(str(self.path), self.session_options(), providers=providers)

@@ -160,8 +160,9 @@ def test_onnxruntime_flavour_lowers_to_integer_matmul(x):
 @pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
 def test_ort_backend_runs_either_flavour_exactly_on_any_cpu(tmp_path, x, flavour):
     # Full-range int8 codes on both sides: onnxruntime's uint8 x int8 kernels saturate 16-bit pair sums on
-    # x86 CPUs without VNNI (21 dB here before the onnxruntime flavour moved its weights to uint8, and the
-    # tensorrt flavour is run with its Q/DQ MatMuls in float).
+    # x86 CPUs without VNNI (21 dB there with int8 weights). The onnxruntime flavour is laid out for the
+    # machine it is exported on (uint8 weights without VNNI, int8 with it: test_ort_layout.py), and the
+    # tensorrt flavour is run with its Q/DQ MatMuls in float.
     import onnx
 
     from maskaq_deploy.runtimes.ort_backend import OrtBackend, exported_flavour

@@ -115,6 +115,10 @@ def find_checkpoint(manifest: dict, run_dir, given=None) -> Path | None:
     if given:
         raise ProvenanceError(f"checkpoint {given} is not the full-precision checkpoint this run was calibrated "
                               f"from, {what}; give that file")
+    present = [c for c in candidates if c is not None and c.is_file()]
+    if present:  # the file is where it was, but it is not the one calibration used
+        raise ProvenanceError(f"full-precision weights {present[0]} changed since this run was calibrated (expected "
+                              f"{what}); restore them, or recalibrate: {recalibrate_command('RUN', manifest)}")
     raise UsageError(f"the full-precision checkpoint of this run, {what}, is not at {recorded_path} nor in "
                      f"{run_dir}; copy it into the run folder (or beside it)")
 

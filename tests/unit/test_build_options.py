@@ -26,7 +26,7 @@ def test_an_unknown_keyword_is_refused():
 
 
 @pytest.mark.parametrize("make,fragment", [
-    (lambda: ExportOptions(target="openvino"), "unknown --target 'openvino'"),
+    (lambda: ExportOptions(target="openvino"), "unknown `target` 'openvino'"),
     (lambda: ExportOptions(target="tensorrt", float_dtype="fp64"), "unknown --float-dtype"),
     (lambda: ExportOptions(target="onnxruntime", float_dtype="fp16"), "is for --target tensorrt"),
     (lambda: VerifyOptions(limit=0), "--limit"),

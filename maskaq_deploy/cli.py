@@ -304,38 +304,40 @@ def _setup_logging(quiet: bool = False, verbose: bool = False):
 
 
 def _print_report(report) -> None:
+    """The verify table of a typed ``records.Report``: FP, then one row per runtime and export flavour."""
     from rich.console import Console
     from rich.table import Table
 
-    report = report.to_dict()
-    table = Table(title=f"{report['model']} | {report['recipe']} | {report['method']} | "
-                        f"{report['num_eval_images']} images")
+    table = Table(title=f"{report.model} | {report.recipe} | {report.method} | {report.num_eval_images} images")
     for col in ("runtime", "top-1 %", "drop (pts)", "agree vs FP", "agree vs torch", "SQNR vs torch dB"):
         table.add_column(col, justify="right")
-    table.add_row("FP (float)", f"{report['fp_top1']:.2f}", "-", "-", "-", "-")
-    skipped = []
-    for name, runtime in report["runtimes"].items():
+    table.add_row("FP (float)", f"{report.fp_top1:.2f}", "-", "-", "-", "-")
+    skipped: list[str] = []
+    for name, runtime in report.runtimes.items():
         for label, r in _flavour_rows(name, runtime, skipped):
-            table.add_row(label, f"{r['top1']:.2f}", f"{report['fp_top1'] - r['top1']:.2f}",
-                          f"{100 * r['agreement_vs_fp']:.2f}%",
-                          f"{100 * r['agreement_vs_torch']:.2f}%" if "agreement_vs_torch" in r else "-",
-                          f"{r['sqnr_db_vs_torch']:.1f}" if r.get("sqnr_db_vs_torch") is not None else "-")
+            table.add_row(label, f"{r.top1:.2f}", f"{report.fp_top1 - r.top1:.2f}",
+                          f"{100 * r.agreement_vs_fp:.2f}%" if r.agreement_vs_fp is not None else "-",
+                          f"{100 * r.agreement_vs_torch:.2f}%" if r.agreement_vs_torch is not None else "-",
+                          f"{r.sqnr_db_vs_torch:.1f}" if r.sqnr_db_vs_torch is not None else "-")
     Console().print(table)
     for line in skipped:
         click.echo(line)
 
 
-def _flavour_rows(name: str, r: dict, skipped: list) -> list:
+def _flavour_rows(name: str, r, skipped: list) -> list:
     """A runtime's row, then one per other export flavour verify ran on it (onnxruntime: both QDQ flavours)."""
-    def label(flavour, row):
-        return f"{name} ({flavour}, {row.get('float_dtype', 'fp32')})"
+    from maskaq_deploy.records import RuntimeResult
 
-    rows = [(label(r["flavour"], r) if "flavour" in r else name, r)]
-    for flavour, row in (r.get("flavours") or {}).items():
+    def label(flavour, row):
+        return f"{name} ({flavour}, {row.extra.get('float_dtype', 'fp32')})"
+
+    main_flavour = r.extra.get("flavour")
+    rows = [(label(main_flavour, r) if main_flavour else name, r)]
+    for flavour, row in (r.extra.get("flavours") or {}).items():
         if "skipped" in row:
             skipped.append(f"{name} ({flavour} flavour) not evaluated: {with_flags(row['skipped'])}")
-        elif flavour != r.get("flavour"):
-            rows.append((label(flavour, row), row))
+        elif flavour != main_flavour:
+            rows.append((label(flavour, RuntimeResult.from_dict(row)), RuntimeResult.from_dict(row)))
     return rows
 
 

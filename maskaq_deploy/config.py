@@ -68,17 +68,17 @@ class CalibrateConfig:
         check_field_types(self)
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
         if self.method not in method_names():
-            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(method_names())}")
+            raise UsageError(f"unknown `method` {self.method!r}; choose one of {', '.join(method_names())}")
         if self.preset not in PRESETS:
-            raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UsageError(f"unknown `preset` {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if (self.num_images is not None and self.num_images < 1) or self.batch_size < 1:
-            raise UsageError("--num-images and --batch-size must be positive")
+            raise UsageError("`num_images` and `batch_size` must be positive")
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise UsageError(f"--device {self.device!r}: use cpu, cuda or cuda:N")
+            raise UsageError(f"`device` {self.device!r}: use cpu, cuda or cuda:N")
         if not 0 <= self.seed < SEED_LIMIT:
-            raise UsageError(f"--seed {self.seed} is out of range; use 0 to 2^63 - 1")
+            raise UsageError(f"`seed` {self.seed} is out of range; use 0 to 2^63 - 1")
         if self.dfq.get("preset", self.preset) != self.preset:
-            raise UsageError(f"[dfq] preset = {self.dfq['preset']!r} and the preset {self.preset!r} (--preset or "
+            raise UsageError(f"[dfq] preset = {self.dfq['preset']!r} and the preset {self.preset!r} (`preset` or "
                              "[calibrate] preset) disagree; name the preset once")
         self.dfq_config()  # [dfq] values are checked now, before any work
 
@@ -124,9 +124,9 @@ class ExportOptions:
     def __post_init__(self):
         check_name(self.target, TARGETS, "`target`", UsageError)
         if self.float_dtype is not None and self.float_dtype not in FLOAT_DTYPES:
-            raise UsageError(f"unknown --float-dtype {self.float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+            raise UsageError(f"unknown `float_dtype` {self.float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
         if self.float_dtype not in (None, "fp32") and self.target != TENSORRT:
-            raise UsageError(f"--float-dtype {self.float_dtype} is for --target tensorrt; {self.target} computes "
+            raise UsageError(f"`float_dtype` {self.float_dtype} is for `target` tensorrt; {self.target} computes "
                              "in fp32")
 
 
@@ -142,7 +142,7 @@ class VerifyOptions:
 
     def __post_init__(self):
         if (self.limit is not None and self.limit < 1) or self.batch_size < 1:
-            raise UsageError("--limit and --batch-size must be positive")
+            raise UsageError("`limit` and `batch_size` must be positive")
         if self.sensitivity_images < 0:
             raise UsageError("sensitivity_images must be 0 (no table) or positive")
 
@@ -204,7 +204,7 @@ def with_dfq_preset(calibrate_table: dict | None, dfq_table: dict | None, cli_pr
         preset = dfq_table.pop("preset")
         named = cli_preset or calibrate_table.get("preset")
         if named is not None and named != preset:
-            raise UsageError(f"[dfq] preset = {preset!r} and the preset {named!r} (--preset or [calibrate] "
+            raise UsageError(f"[dfq] preset = {preset!r} and the preset {named!r} (`preset` or [calibrate] "
                              "preset) disagree; name the preset once")
         calibrate_table["preset"] = preset
     return calibrate_table, dfq_table

@@ -147,10 +147,10 @@ def _calibrate(model_cfg: ModelConfig, cfg: CalibrateConfig, inputs: Calibration
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=loaded.manifest_entry(),
-        # where the checkpoint was (resolved: verify reloads the FP model from any directory); inputs.checkpoint
-        # identifies it, so a run folder moved elsewhere finds it again (provenance.find_checkpoint)
-        model_config={**dataclasses.asdict(model_cfg),
-                      "checkpoint": str(Path(model_cfg.checkpoint).resolve()) if model_cfg.checkpoint else None},
+        # the checkpoint as the user named it (the recalibrate command repeats it); inputs.checkpoint identifies
+        # the file and where it lies from the run folder, so verify finds it from any directory and a run folder
+        # moved elsewhere finds it again (provenance.find_checkpoint); no absolute path of this machine is kept
+        model_config=dataclasses.asdict(model_cfg),
         recipe=inputs.recipe.to_dict(),
         keep_fp=list(cfg.keep_fp),
         quantized_modules=len(inputs.info.quantized),

@@ -81,21 +81,25 @@ def check_fp_weights(manifest: dict, loaded) -> None:
 
 def checkpoint_record(checkpoint, weights_sha256: str | None, run_dir) -> dict | None:
     """The manifest's ``inputs.checkpoint``: what identifies the FP checkpoint wherever it lies (its file name,
-    size and sha256), and its path relative to ``run_dir`` when it lies inside it. None without a checkpoint."""
+    size and sha256), and its path relative to ``run_dir`` (``../models/deit.pth`` when it lies outside: a run
+    folder moved together with its checkpoint still finds it). None without a checkpoint."""
     if not checkpoint:
         return None
     path = Path(os.path.abspath(checkpoint))
-    root = Path(os.path.abspath(run_dir))
-    inside = path.is_relative_to(root)
+    try:
+        relative = Path(os.path.relpath(path, os.path.abspath(run_dir))).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists; name, size and hash still identify it
+        relative = None
     return {"name": path.name, "size": path.stat().st_size, "sha256": weights_sha256 or file_sha256(path),
-            "path": path.relative_to(root).as_posix() if inside else None}
+            "path": relative}
 
 
 def find_checkpoint(manifest: dict, run_dir, given=None) -> Path | None:
     """The FP checkpoint a run was calibrated from, on this machine: ``given`` (the caller names it again), else
-    its path relative to the run folder, the path recorded at calibration, or its name in the run folder or
-    beside it. A candidate is read only when its size is the recorded one, and used only when its sha256 is:
-    a manifest edited to name another file never makes this open it. None: the run has no checkpoint.
+    its path relative to the run folder, its name in the run folder or beside it, or the path as the user named
+    it at calibration (relative to the working directory). A candidate is read only when its size is the
+    recorded one, and used only when its sha256 is: a manifest edited to name another file never makes this
+    open it. None: the run has no checkpoint.
     Manifests written before the record (only the path) give that path, unchecked until it is loaded."""
     recorded_path = (manifest.get("model_config") or {}).get("checkpoint")
     record = (manifest.get("inputs") or {}).get("checkpoint")
@@ -106,8 +110,8 @@ def find_checkpoint(manifest: dict, run_dir, given=None) -> Path | None:
         candidates = [Path(given)]
     else:
         candidates = [run_dir / record["path"] if record.get("path") else None,
-                      Path(recorded_path) if recorded_path else None,
-                      run_dir / record["name"], run_dir.parent / record["name"]]
+                      run_dir / record["name"], run_dir.parent / record["name"],
+                      Path(recorded_path) if recorded_path else None]
     for path in dict.fromkeys(c for c in candidates if c is not None):
         if _is_recorded_file(path, record):
             return path
@@ -119,8 +123,8 @@ def find_checkpoint(manifest: dict, run_dir, given=None) -> Path | None:
     if present:  # the file is where it was, but it is not the one calibration used
         raise ProvenanceError(f"full-precision weights {present[0]} changed since this run was calibrated (expected "
                               f"{what}); restore them, or recalibrate: {recalibrate_command('RUN', manifest)}")
-    raise UsageError(f"the full-precision checkpoint of this run, {what}, is not at {recorded_path} nor in "
-                     f"{run_dir}; copy it into the run folder (or beside it)")
+    raise UsageError(f"the full-precision checkpoint of this run, {what}, is not at {recorded_path} nor in or "
+                     f"beside {run_dir}; copy it into the run folder (or beside it)")
 
 
 def _is_recorded_file(path: Path, record: dict) -> bool:

@@ -110,7 +110,7 @@ def report_of(report: Report | dict, what: str = "the baseline") -> Report:
     return report if isinstance(report, Report) else Report.from_dict(raw)
 
 
-def read_report(path, what: str = "--baseline") -> Report:
+def read_report(path, what: str = "`baseline`") -> Report:
     """A report.json from disk, checked (required keys, numbers, top-1 figures within [0, 100]); every problem
     is a one-line UsageError naming the file."""
     path = Path(path)

@@ -78,15 +78,15 @@ def check_writable(out) -> None:
     or unwritable folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+        raise UsageError(f"`out` {out} exists and is not a directory; choose another `out`")
     parent = Path(os.path.abspath(out)).parent
     probe = parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+        raise UsageError(f"`out` {out}: {probe} is a file, not a folder; choose another `out`")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot write in {probe} (read-only or no permission); choose another --out")
+        raise UsageError(f"`out` {out}: cannot write in {probe} (read-only or no permission); choose another `out`")
 
 
 @contextlib.contextmanager
@@ -174,18 +174,18 @@ def _nonempty(folder: Path) -> bool:
 def _prepare(out: Path, stage: Path, *, force: bool, resume: bool) -> None:
     """Check the rules and leave an empty (or resumable) stage; raises UsageError before anything is written."""
     if stage.exists() and not (resume or force):
-        raise OutputExistsError(f"an interrupted run of {out} is waiting in {stage}; pass --resume to continue it, "
-                                "or --force to discard it and start over")
+        raise OutputExistsError(f"an interrupted run of {out} is waiting in {stage}; pass `resume` to continue it, "
+                                "or `force` to discard it and start over")
     if _nonempty(out) and not is_run(out):
         if resume:
-            raise UsageError(f"--resume: {out} is not a run of maskaq-deploy (no {layout.MANIFEST_FILE}); give the "
-                             "--out of the run to continue")
-        raise OutputExistsError(f"--out {out} holds files that are not a maskaq-deploy run (no {layout.MANIFEST_FILE})"
-                                f"{'; --force replaces only runs' if force else ''}; choose another --out or "
+            raise UsageError(f"`resume`: {out} is not a run of maskaq-deploy (no {layout.MANIFEST_FILE}); give the "
+                             "`out` of the run to continue")
+        raise OutputExistsError(f"`out` {out} holds files that are not a maskaq-deploy run (no {layout.MANIFEST_FILE})"
+                                f"{'; `force` replaces only runs' if force else ''}; choose another `out` or "
                                 "empty it")
     if _nonempty(out) and not (force or resume):
-        raise OutputExistsError(f"--out {out} holds a run; pass --force to replace it (it is kept until the new "
-                                "run succeeds), --resume to continue it, or choose another --out")
+        raise OutputExistsError(f"`out` {out} holds a run; pass `force` to replace it (it is kept until the new "
+                                "run succeeds), `resume` to continue it, or choose another `out`")
     if stage.exists() and resume:
         return  # continue the interrupted run where it stopped
     shutil.rmtree(stage, ignore_errors=True)

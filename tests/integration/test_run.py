@@ -216,7 +216,22 @@ def test_the_manifest_identifies_the_checkpoint_by_name_size_and_hash(checkpoint
     ck = checkpoint_run / "ck.safetensors"
     record = json.loads((checkpoint_run / "run" / "manifest.json").read_text())["inputs"]["checkpoint"]
     assert record == {"name": "ck.safetensors", "size": ck.stat().st_size, "sha256": checkpoint.file_sha256(ck),
-                      "path": None}  # outside the run folder: no relative path
+                      "path": "../ck.safetensors"}  # outside the run folder: relative to it all the same
+
+
+def test_a_run_folder_moved_with_its_checkpoint_verifies_from_any_directory(checkpoint_run, tmp_path, monkeypatch):
+    import shutil
+
+    new_home = tmp_path / "moved"
+    shutil.copytree(checkpoint_run / "run", new_home / "run")
+    shutil.copy(checkpoint_run / "ck.safetensors", new_home / "ck.safetensors")  # same layout, another place
+    (checkpoint_run / "ck.safetensors").rename(tmp_path / "away.safetensors")  # not at the path it was named by
+    monkeypatch.chdir(tmp_path)
+    try:
+        r = _verify(new_home / "run", checkpoint_run / "val.npz")
+    finally:
+        (tmp_path / "away.safetensors").rename(checkpoint_run / "ck.safetensors")
+    assert r.exit_code == 0, r.output
 
 
 def test_a_moved_run_folder_finds_its_checkpoint_again(checkpoint_run, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def test_registering_a_source_is_all_it_takes_for_the_config_to_accept_it():
     from maskaq_deploy.config import CalibrateConfig
     from maskaq_deploy.errors import UsageError
 
-    with pytest.raises(UsageError, match="unknown --method 'stripes'; choose one of maskaq, psaq, noise, real"):
+    with pytest.raises(UsageError, match="unknown `method` 'stripes'; choose one of maskaq, psaq, noise, real"):
         CalibrateConfig(method="stripes")
 
     @register

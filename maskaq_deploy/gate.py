@@ -86,8 +86,8 @@ def _threshold(value, option: str) -> float | None:
 
 def _check_pair(baseline, max_regression) -> None:
     if (baseline is None) != (max_regression is None):
-        raise UsageError("--baseline and --max-regression go together: give the previous run's report.json "
-                         "and the points of top-1 it may lose, e.g. --baseline old/report.json --max-regression 0.2")
+        raise UsageError("`baseline` and `max_regression` go together: give the previous run's report.json "
+                         "and the points of top-1 it may lose, e.g. `baseline` old/report.json `max_regression` 0.2")
 
 
 def load_baseline(path) -> Report:
@@ -95,14 +95,14 @@ def load_baseline(path) -> Report:
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_FILE
-    return read_report(path, "--baseline")
+    return read_report(path, "`baseline`")
 
 
 def thresholds(max_drop=None, baseline=None, max_regression=None) -> Thresholds:
     """Validate the gate options and read the baseline now: before a long calibration, and before ``verify``
     rewrites a report.json the baseline might be (``--baseline RUN/report.json`` on a re-verify)."""
-    max_drop = _threshold(max_drop, "--max-drop")
-    max_regression = _threshold(max_regression, "--max-regression")
+    max_drop = _threshold(max_drop, "`max_drop`")
+    max_regression = _threshold(max_regression, "`max_regression`")
     _check_pair(baseline, max_regression)
     loaded = load_baseline(baseline) if baseline is not None else None
     return Thresholds(max_drop, max_regression, None if baseline is None else str(baseline), loaded)
@@ -152,7 +152,7 @@ def check_baseline_matches(report: Report, baseline: Report, source: str = "the 
         raise UsageError(
             f"{source} was evaluated on {baseline.num_eval_images} images of {baseline.val_data}, this run on "
             f"{report.num_eval_images} of {report.val_data}; top-1 is only comparable on the same images: use "
-            "the same --val-data and --limit as the baseline")
+            "the same `val_data` and `limit` as the baseline")
 
 
 def precheck(limits: Thresholds, *, model: str, recipe: str) -> None:
@@ -173,8 +173,8 @@ def evaluate(report: Report | dict, *, max_drop: float | None = None, baseline=N
     """Apply the thresholds to ``report`` (a verify report: a Report, or its dict). ``baseline``: a path to a
     previous report.json (or its run directory), or an already loaded Report (or dict, checked like a file).
     No threshold given: passed, no checks."""
-    max_drop = _threshold(max_drop, "--max-drop")
-    max_regression = _threshold(max_regression, "--max-regression")
+    max_drop = _threshold(max_drop, "`max_drop`")
+    max_regression = _threshold(max_regression, "`max_regression`")
     _check_pair(baseline, max_regression)
     source = "the baseline"
     if baseline is not None and not isinstance(baseline, (dict, Report)):
@@ -220,7 +220,7 @@ def _evaluate(report: Report, max_drop, baseline: Report | None, max_regression,
         common = [n for n in new if n in old]
         if not common:
             raise UsageError(f"{source} measured runtimes {sorted(old)}, this run {sorted(new)}: none in "
-                             "common; verify the same --runtime as the baseline")
+                             "common; verify the same `runtime` as the baseline")
         for name in common:
             checks.append(_check("max_regression", name, old[name] - new[name], max_regression,
                                  f"top-1 {_pts(old[name])}% (baseline) -> {_pts(new[name])}%, lost",

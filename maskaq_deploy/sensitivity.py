@@ -229,7 +229,7 @@ def suggest_keep_fp(run, val_images=None, max_drop: float = 1.0, *, rows: list[d
     when None). The checkpoint's quantizers are switched in place: pass a Run whose model is not needed after.
     """
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
-        raise UsageError(f"--max-drop {max_drop} must be a finite number of points >= 0, e.g. --max-drop 1")
+        raise UsageError(f"`max_drop` {max_drop} must be a finite number of points >= 0, e.g. `max_drop` 1")
     run = Run.of(run, val_data=None if isinstance(val_images, ImageSet) else val_images)
     qmodel, manifest = run.quantized, run.manifest
     images = _val_images(run, val_images).subset(limit)
@@ -305,7 +305,7 @@ def _val_images(run: Run, given) -> ImageSet:
     if not isinstance(given, ImageSet):
         return run.val_images
     if given.labels is None or len(given) == 0:
-        raise DataError(f"--val-data {given.source} holds no labelled images")
+        raise DataError(f"`val_data` {given.source} holds no labelled images")
     return given
 
 

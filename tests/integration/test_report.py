@@ -148,7 +148,7 @@ def test_a_baseline_of_other_images_is_refused_after_the_files_are_consistent(ru
     d, report = run
     (tmp_path / "old.json").write_text(json.dumps({**report, "num_eval_images": 10}))
     limits = gate.thresholds(baseline=tmp_path / "old.json", max_regression=1.0)
-    with pytest.raises(UsageError, match="same --val-data and --limit"):
+    with pytest.raises(UsageError, match="same `val_data` and `limit`"):
         reverify(d, limits=limits, sensitivity_images=0)
     on_disk = json.loads((d / "run" / "report.json").read_text())
     assert on_disk["gate"] is None and "no gate applied" in (d / "run" / "report.md").read_text()

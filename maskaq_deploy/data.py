@@ -2,6 +2,12 @@
 
 An ``ImageSet`` keeps images in their stored form (uint8 arrays or file paths) and yields normalized float
 batches (N, C, H, W) on demand, so a large folder never sits in memory as floats.
+
+Image files are read at their own bit depth and scaled to [0, 1] before the model's normalization: 8-bit modes
+(grey, 1-bit, RGB, palette, CMYK, ...) by 255, 16-bit grey (PNG, TIFF) by 65535; an alpha channel (LA, RGBA, a
+palette's transparency) is composited on black; the EXIF orientation is applied. What cannot be read that way is
+refused with one line naming the file. An ImageFolder's classes are its sub-folder names in sorted order (string
+order: class index i is the i-th name); ``class_mapping`` says so in words.
 """
 
 from __future__ import annotations
@@ -68,6 +74,34 @@ class ImageSet:
     def check_labels(self, classes: int | None, what: str) -> None:
         """Refuse labels outside [0, classes): the classifier can never predict them."""
         checks.labels_in_range(self.labels, classes, f"{what} {self.source}")
+
+    def check_readable(self) -> None:
+        """Open every file's header (no decoding: cheap) and refuse one that is not an image of a mode this
+        module reads, before a long command starts; a file corrupt past its header still fails when read."""
+        from PIL import Image
+
+        for p in self.files or []:
+            try:
+                with Image.open(p) as img:
+                    mode = img.mode
+            except Exception as e:
+                raise _unreadable(p, e) from None
+            if mode not in EIGHT_BIT and mode not in SIXTEEN_BIT and mode != "F":
+                raise DataError(f"image {p}: PIL mode {mode} is not read here; save it as 8- or 16-bit grey, RGB "
+                                "or RGBA")
+
+    def class_mapping(self) -> str:
+        """How the labels relate to the model's class indices, in words (for a report's warning)."""
+        if self.classes is None:
+            return f"the labels of {self.source} are taken as class indices as they are"
+        shown = ", ".join(f"'{name}' -> {i}" for i, name in enumerate(self.classes[:3]))
+        more = f", ... '{self.classes[-1]}' -> {len(self.classes) - 1}" if len(self.classes) > 3 else ""
+        text = (f"the class index of an image in {self.source} is the position of its sub-folder's name in sorted "
+                f"order ({shown}{more})")
+        if all(c.isdigit() for c in self.classes) and self.classes != sorted(self.classes, key=int):
+            text += ("; these names are numbers sorted as text ('10' before '2'): name the folders with leading "
+                     "zeros (00, 01, ..., 10) or give an .npz with the labels")
+        return text
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -148,22 +182,95 @@ def _load_folder(root: Path, data_config: dict, what: str) -> ImageSet:
     return ImageSet(str(root), data_config, files=files, labels=np.asarray(labels, np.int64), classes=classes)
 
 
-def _load_image(path: Path, data_config: dict) -> np.ndarray:
-    """Resize the shorter side to size/crop_pct, center-crop to size (the model's eval transform)."""
-    from PIL import Image
+# How each PIL mode becomes float pixels in [0, 1]. 8-bit modes divide by 255; 16-bit ones (PNG and TIFF
+# 16-bit grey open as I;16 / I;16B, a 32-bit TIFF as I) by 65535; 16-bit colour PNGs open as RGB / RGBA holding the
+# high byte of each sample (already on the 8-bit scale). Alpha is composited on black, see ``_on_black``.
+EIGHT_BIT = {"L": "L", "1": "L", "RGB": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
+             "RGBX": "RGB", "P": None, "PA": "RGBA", "LA": "LA", "La": "LA", "RGBA": "RGBA", "RGBa": "RGBA"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, what PIL's convert("L") uses
 
+
+def _load_image(path: Path, data_config: dict) -> np.ndarray:
+    """One image file as the model's float32 (C, H, W) in [0, 1]: its EXIF orientation applied, its mode scaled
+    (``_pixels``), the shorter side resized to size/crop_pct, center-cropped to size (the model's eval
+    transform). A file that cannot be read as such is a one-line DataError naming it."""
     c, h, w = data_config["input_size"]
-    try:
-        img = Image.open(path)
-        img = img.convert("L" if c == 1 else "RGB")
-    except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    arr = _pixels(path)  # (H, W, C) float32 in [0, 1], C 1 or 3
+    if c == 1 and arr.shape[2] == 3:
+        arr = (arr @ LUMA)[:, :, None]
+    elif c == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif c not in (1, 3):
+        raise DataError(f"image {path}: the model takes {c} channels; only 1 (grey) or 3 (RGB) can be read from "
+                        "image files, give an .npz instead")
     crop_pct = data_config.get("crop_pct", 1.0) or 1.0
     scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
-    ratio = max(scale_h / img.height, scale_w / img.width)
-    resample = Image.BICUBIC if data_config.get("interpolation") == "bicubic" else Image.BILINEAR
-    img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), resample)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    img = img.crop((left, top, left + w, top + h))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    height, width = arr.shape[:2]
+    ratio = max(scale_h / height, scale_w / width)
+    size = (max(w, round(width * ratio)), max(h, round(height * ratio)))
+    if size != (width, height):
+        arr = _resize(arr, size, data_config.get("interpolation"))
+    left, top = (arr.shape[1] - w) // 2, (arr.shape[0] - h) // 2
+    return np.ascontiguousarray(arr[top:top + h, left:left + w].transpose(2, 0, 1))
+
+
+def _pixels(path: Path) -> np.ndarray:
+    """The decoded pixels of ``path``, upright, as (H, W, 1 or 3) float32 in [0, 1]."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated or corrupt file fails here, with its name
+            img = ImageOps.exif_transpose(img)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise _unreadable(path, e) from None
+    mode = img.mode
+    if mode in SIXTEEN_BIT:
+        arr = np.asarray(img).astype(np.float32)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"image {path}: {mode} pixels range {arr.min():g} to {arr.max():g}, outside the 16-bit "
+                            "range 0-65535, so their scale is unknown; save it as an 8- or 16-bit image")
+        return arr[:, :, None] / 65535.0
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+            raise DataError(f"image {path}: float pixels must be finite and in [0, 1]; save it as an 8- or 16-bit "
+                            "image")
+        return arr[:, :, None]
+    if mode not in EIGHT_BIT:
+        raise DataError(f"image {path}: PIL mode {mode} is not read here; save it as 8- or 16-bit grey, RGB or RGBA")
+    if mode == "P":  # a palette: its transparency (a colour index or an alpha table) becomes alpha
+        target = "RGBA" if "transparency" in img.info else "RGB"
+    else:
+        target = EIGHT_BIT[mode]
+    arr = np.asarray(img.convert(target) if img.mode != target else img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return _on_black(arr) if target in ("LA", "RGBA") else arr
+
+
+def _unreadable(path: Path, e: Exception) -> DataError:
+    from PIL import UnidentifiedImageError
+
+    problem = ("not an image file of a known format" if isinstance(e, UnidentifiedImageError) else
+               str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return DataError(f"cannot read image {path}: {problem}; give a PNG, JPEG, BMP, WebP, TIFF or PPM/PGM file")
+
+
+def _on_black(arr: np.ndarray) -> np.ndarray:
+    """Colour channels composited on a black background (colour x alpha). Black because it is what the loaders
+    models are trained with give for the usual transparent pixel, stored as (0, 0, 0, 0): timm's and
+    torchvision's ``convert("RGB")`` drops alpha and keeps that black; and MNIST-style digits are on black."""
+    return arr[:, :, :-1] * arr[:, :, -1:]
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int], interpolation: str | None) -> np.ndarray:
+    """(H, W, C) float resized to ``size`` (width, height) channel by channel in PIL's float mode, so 16-bit
+    images keep their precision (bicubic overshoot is clipped back to [0, 1])."""
+    from PIL import Image
+
+    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[:, :, i], dtype=np.float32)).resize(size, resample))
+           for i in range(arr.shape[2])]
+    return np.clip(np.stack(out, axis=2), 0.0, 1.0)

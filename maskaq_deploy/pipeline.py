@@ -406,6 +406,7 @@ def _check_val_data(loaded: LoadedModel, model_name: str, val_data: str | None, 
     spec = default_data(model_name, "test", val_data, "`val_data`")
     images = load_image_set(spec, loaded.data_config, "`val_data`").subset(limit)
     images.check_labels(checks.num_classes(loaded.model), "`val_data`")
+    images.check_readable()  # a file that is no image fails now, not after calibrating
 
 
 def bench(artifact, *, batch_sizes=(1, 8), threads=(1, 2), warmup: int = 5, iterations: int = 30,

@@ -158,6 +158,16 @@ def write(name: str, text: str | bytes) -> Callable[[Ctx], None]:
     return setup
 
 
+def write_folder_with_bad_image(c: Ctx) -> None:
+    """An ImageFolder of two good PNGs and one text file named .png."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (c.tmp / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 36), (10, 200, 30)).save(c.tmp / "val" / cls / "ok.png")
+    (c.tmp / "val" / "b" / "broken.png").write_text("not pixels")
+
+
 def edit_manifest(fn) -> Callable[[Ctx], None]:
     def setup(c: Ctx) -> None:
         path = c.run / "manifest.json"
@@ -394,6 +404,8 @@ FAULTS = {
                              "2 label(s) outside [0, 10)"),
     "calib-labels-100": Fault(lambda c: [*calibrate(c)[:-2], "--calib-data", c.d / "labels100.npz", "--out",
                                          c.new], 2, "label(s) outside", after=nothing_created),
+    "val-data-image-not-an-image": Fault(lambda c: ["verify", c.run, "--val-data", c.tmp / "val"], 2,
+                                         "cannot read image", write_folder_with_bad_image),
     # 4. provenance
     "graph-of-another-checkpoint": Fault(lambda c: ["verify", c.run, "--runtime", "onnxruntime", "--val-data",
                                                     c.d / "data.npz"], 2, "maskaq-deploy export", other_runs_graph),

@@ -267,3 +267,73 @@ def default_build_table(res: dict) -> str:
     return md_table(["build", "build_total (s)", "synthesis (s)", "reconstruction (s)"],
                     [[str(i + 1), f"{r['build_total']:.1f}", f"{r['synthesis']:.1f}", f"{r['reconstruction']:.1f}"]
                      for i, r in enumerate(res.get("rows", []))])
+
+
+def duration(seconds: float) -> str:
+    """A predicted wall time in the unit a reader plans with: s, min, h or days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.2f}"
+
+
+def _real_size_row(rows: list[dict], **key) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r
+    return None
+
+
+def real_size_stage_table(res: dict) -> str:
+    """Measured cost of each stage per model and device (benchmarks/real_size.py)."""
+    rows, out = res.get("rows", []), []
+    batch = res.get("synth_batch", 8)
+    keys = list(dict.fromkeys((r["model"], r["device"], r["threads"]) for r in rows))
+    for model, device, threads in keys:
+        k = {"model": model, "device": device, "threads": threads}
+        syn = _real_size_row(rows, stage="synthesis", autocast="off", batch=batch, **k)
+        bf = _real_size_row(rows, stage="synthesis", autocast="bf16", batch=batch, **k)
+        rec = _real_size_row(rows, stage="reconstruction", **k)
+        ver = _real_size_row(rows, stage="verify", **k)
+        ft = _real_size_row(rows, stage="finetune", **k)
+        peak_key = "peak_cuda_mib" if device == "cuda" else "peak_rss_mib"
+
+        def f(r, key, fmt="{:.2f}"):
+            return "-" if r is None or r.get(key) is None else fmt.format(r[key])
+
+        out.append([f"`{model}`", f"{device} x{threads}" if device == "cpu" else device,
+                    f"{f(syn, 's_per_step')} ({f(syn, 'img_steps_per_s', '{:.1f}')})",
+                    f"{f(bf, 's_per_step')} ({f(bf, 'img_steps_per_s', '{:.1f}')})",
+                    f(rec, "s_per_step"), f(ft, "s_per_step"), f(ver, "export_s", "{:.1f}"),
+                    f(ver, "ort_s_per_img", "{:.3f}"), f(ver, "torch_s_per_img", "{:.3f}"),
+                    _gib(syn and syn.get(peak_key)), _gib(bf and bf.get(peak_key)), _gib(rec and rec.get(peak_key)),
+                    _gib(ver and ver.get(peak_key))])
+    mem = "peak GPU GiB" if any(r["device"] == "cuda" for r in rows) else "peak RSS GiB"
+    return md_table(["model", "device", f"synthesis s/step fp32, batch {batch} (img-steps/s)",
+                     f"synthesis s/step bf16, batch {batch} (img-steps/s)", "reconstruction s/step (batch 32)",
+                     "fine-tune s/step (batch 16)", "export s", "onnxruntime s/img", "torch fake-quant s/img",
+                     f"{mem}: synthesis fp32", "synthesis bf16", "reconstruction", "export + verify"], out)
+
+
+def real_size_prediction_table(res: dict) -> str:
+    """Predicted wall time of each preset and of the default build (benchmarks/real_size.py)."""
+    out = []
+    for p in res.get("predictions", []):
+        pr = p.get("presets") or {}
+        if not pr:
+            continue
+        dev = f"{p['device']} x{p['threads']}" if p["device"] == "cpu" else p["device"]
+        cells = [duration(pr[n]["total_s"]) if n in pr else "-"
+                 for n in ("fast (w4a4)", "fast (w8a8)", "paper (w4a4)", "build (default)")]
+        f4 = pr.get("fast (w4a4)", {})
+        split = (f"{duration(f4['synthesis_s'])} + {duration(f4['reconstruction_s'])}" if f4 else "-")
+        out.append([f"`{p['model']}`", dev, *cells, split, _gib(f4.get("synthesis_peak_rss_mib"))])
+    return md_table(["model", "device", "`fast` w4a4", "`fast` w8a8", "`paper` w4a4", "default `build` (w8a8)",
+                     "`fast` w4a4: synthesis + reconstruction", "`fast` synthesis peak RSS GiB (batch 64)"], out)

@@ -199,7 +199,9 @@ calib_options = _option_group(
     click.option("--calib-data", default=None, help="Calibration images: .npz or ImageFolder directory."),
     click.option("--num-images", type=POSITIVE, default=None,
                  help="Calibration images (synthetic or real); default: the preset's."),
-    click.option("--batch-size", type=POSITIVE, default=None, help="Batch size for real images and evaluation."),
+    click.option("--batch-size", type=POSITIVE, default=None,
+                 help="Batch size of synthesis (peak memory grows with it: docs/real-size.md), real images and "
+                      "evaluation."),
     click.option("--seed", type=SEED, default=None, help="Random seed, 0 to 2^63 - 1."),
     click.option("--device", default=None, help="cpu or cuda."),
     click.option("--force", is_flag=True,
@@ -244,6 +246,8 @@ def resolve_configs(kw: dict):
 
     file = config_tables(kw.get("config_file"))
     calibrate_table, dfq_table = with_dfq_preset(file.get("calibrate"), file.get("dfq"), kw.get("preset"))
+    if kw.get("batch_size") is not None:  # --batch-size is the synthesis batch too: the memory / time trade
+        dfq_table["batch_size"] = kw["batch_size"]
     try:
         model_kwargs = json.loads(kw["model_kwargs"]) if kw.get("model_kwargs") else None
     except json.JSONDecodeError as e:

@@ -184,9 +184,35 @@ def render_cli() -> str:
     return "".join(out).rstrip("\n") + "\n"
 
 
+REAL_SIZE_BEGIN = "<!-- begin generated: benchmarks/results/real_size.json (scripts/render_docs.py) -->\n"
+REAL_SIZE_END = "<!-- end generated -->\n"
+
+
+def render_real_size(doc: Path, results_dir: Path) -> str | None:
+    """docs/real-size.md with its generated region (between the markers) made from real_size.json; the rest of
+    the page is written by hand. None when the page or the results file is missing."""
+    res_path = results_dir / "real_size.json"
+    if not doc.is_file() or not res_path.is_file():
+        return None
+    text = doc.read_text()
+    head, sep, rest = text.partition(REAL_SIZE_BEGIN)
+    _, sep2, tail = rest.partition(REAL_SIZE_END)
+    if not sep or not sep2:
+        return None
+    res = T.load(res_path)
+    body = (T.provenance(res) + "Measured cost of each stage (seconds; in brackets image-steps per second):\n\n"
+            + T.real_size_stage_table(res) + "\nPredicted wall time (one thread per synthesis worker process "
+            "on the CPU, as `calibrate` runs it):\n\n" + T.real_size_prediction_table(res))
+    return head + REAL_SIZE_BEGIN + body + REAL_SIZE_END + tail
+
+
 def targets(root: Path) -> dict[Path, str]:
-    return {root / "docs" / "results.md": render_results(root / "benchmarks" / "results"),
-            root / "docs" / "cli.md": render_cli()}
+    out = {root / "docs" / "results.md": render_results(root / "benchmarks" / "results"),
+           root / "docs" / "cli.md": render_cli()}
+    real_size = render_real_size(root / "docs" / "real-size.md", root / "benchmarks" / "results")
+    if real_size is not None:
+        out[root / "docs" / "real-size.md"] = real_size
+    return out
 
 
 def main(argv=None) -> int:

@@ -7,11 +7,14 @@
     python benchmarks/dfq_accuracy.py --ablation --recipes w4a4 --seeds 0,1,2
     python benchmarks/dfq_accuracy.py --table                          # print what is saved so far
     python benchmarks/dfq_accuracy.py --quick                          # tiny settings: checks the script
+    python benchmarks/dfq_accuracy.py --models deit_tiny_patch16_224 --methods noise,real --seeds 0 --threads 2 \\
+        --limit 1000 --out benchmarks/results/dfq_accuracy_224.json    # 224 px: its own file, fewer images
     python benchmarks/dfq_accuracy.py --split valid --mnist mnist/data/mnist.pkl.gz ...   # choose settings
 
 Models (rows): ``embedded`` (the shipped 6-layer ViT, 49 patches + CLS) and every ``benchmarks/zoo/<name>``
 trained by ``scripts/train_zoo.py`` (``deit_s2``: 196 patches + CLS, 8 layers; ``vit_gap``: no class token,
-average pooling; ``swin``: shifted windows, patch merging). Top-1 is on the 10k MNIST test images (the
+average pooling; ``swin``: shifted windows, patch merging; ``deit_tiny_patch16_224``: DeiT-Tiny at 224 px on MNIST
+upscaled as ``scripts/train_zoo.py`` feeds it, run by name only). Top-1 is on the 10k MNIST test images (the
 embedded ``mnist_test.npz``), or with ``--split valid`` on the 10k valid split of the MNIST pickle (that is
 where settings are chosen; the test split only reports).
 
@@ -124,8 +127,12 @@ ABLATION_COLUMNS = ("calib-tv-paper", "calib-tv-1.6e-2", "calib-soft-0.3", "mask
 QUICK = {"num_images": 64, "iterations": 30, "batch_size": 32}
 
 
-def model_names() -> list[str]:
-    return ["embedded"] + sorted(p.parent.name for p in ZOO.glob("*/config.json"))
+def model_names(small_only: bool = False) -> list[str]:
+    """The models there are; ``small_only``: the 28-px ones (the default run: the 224-px model costs hours more)."""
+    names = sorted(p.parent.name for p in ZOO.glob("*/config.json"))
+    if small_only:
+        names = [n for n in names if json.loads((ZOO / n / "config.json").read_text())["input_size"][1:] == [28, 28]]
+    return ["embedded"] + names
 
 
 def load_model(name: str, device):
@@ -143,11 +150,38 @@ def load_model(name: str, device):
     return model, data, cfg
 
 
-def normalized(images: np.ndarray, labels: np.ndarray, data: dict):
-    x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
+class Upscaled:
+    """28-px MNIST for a model that takes larger images (the 224-px zoo model), upscaled and normalized a batch
+    at a time as scripts/train_zoo.py feeds it: 10k 224-px images as floats would be 6 GB."""
+
+    def __init__(self, images: np.ndarray, data: dict):
+        self.images, self.data = images, data
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> Upscaled:
+        return Upscaled(self.images[index], self.data)
+
+    def tensor(self) -> torch.Tensor:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import train_zoo
+
+        x = train_zoo.to_input(torch.from_numpy(self.images), self.data["input_size"]).float().div(255.0)
+        return _standardize(x, self.data)
+
+
+def _standardize(x: torch.Tensor, data: dict) -> torch.Tensor:
     mean = torch.tensor(data["mean"]).reshape(1, -1, 1, 1)
     std = torch.tensor(data["std"]).reshape(1, -1, 1, 1)
-    return (x - mean) / std, torch.from_numpy(labels).long()
+    return (x - mean) / std
+
+
+def normalized(images: np.ndarray, labels: np.ndarray, data: dict):
+    if tuple(data["input_size"]) != (1, *images.shape[1:]):
+        return Upscaled(images, data), torch.from_numpy(labels).long()
+    x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
+    return _standardize(x, data), torch.from_numpy(labels).long()
 
 
 def load_npz(name: str, data: dict):
@@ -167,8 +201,12 @@ def load_valid(mnist_path: str, data: dict):
 @torch.no_grad()
 def top1(model, images, labels, device, batch: int = 1000) -> float:
     correct = 0
+    if isinstance(images, Upscaled):
+        batch = 100  # 224-px activations
     for i in range(0, len(images), batch):
-        correct += (model(images[i:i + batch].to(device)).argmax(1).cpu() == labels[i:i + batch]).sum().item()
+        x = images[i:i + batch]
+        x = x.tensor() if isinstance(x, Upscaled) else x
+        correct += (model(x.to(device)).argmax(1).cpu() == labels[i:i + batch]).sum().item()
     return 100.0 * correct / len(images)
 
 
@@ -365,7 +403,8 @@ def print_tables(res: dict) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=None, help="comma-separated (default: embedded and the whole zoo)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated (default: embedded and the 28-px zoo; deit_tiny_patch16_224 by name)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     ap.add_argument("--seeds", default="0,1,2")
@@ -376,6 +415,9 @@ def main():
                     help="evaluate on the 10k test images (report) or the 10k valid split (choose settings)")
     ap.add_argument("--mnist", default=None, help="mnist/data/mnist.pkl.gz (needed by --split valid)")
     ap.add_argument("--quick", action="store_true", help="tiny settings and 2000 test images (checks the script)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="evaluate on the first this many images of the split (the 224-px model: a 10k pass of a "
+                         "quantized model costs many minutes on a small CPU; give its own --out)")
     ap.add_argument("--out", default=None, help="results JSON (default runs/dfq_accuracy[_valid][_quick].json; "
                     "benchmarks/results/dfq_accuracy.json replaces the figures docs/results.md is made from)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "dfq_accuracy"))
@@ -395,7 +437,7 @@ def main():
     for name in args.methods.split(","):
         if name not in specs:
             sys.exit(f"unknown method {name!r}; choose from {', '.join(specs)}")
-    models = args.models.split(",") if args.models else model_names()
+    models = args.models.split(",") if args.models else model_names(small_only=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     share_synthesized_images(Path(args.workdir) / ("quick" if args.quick else "full") / "synthesized")
@@ -403,9 +445,12 @@ def main():
     for model in models:
         fp, data, _cfg = load_model(model, device)
         evalset = load_valid(args.mnist, data) if args.split == "valid" else load_npz("mnist_test.npz", data)
-        if args.quick:
-            evalset = (evalset[0][:2000], evalset[1][:2000])
+        if args.quick or args.limit:
+            n = args.limit or 2000
+            evalset = (evalset[0][:n], evalset[1][:n])
         real = load_npz("mnist_calib.npz", data)
+        if isinstance(real[0], Upscaled):  # the calibration takes a tensor: 2000 224-px images are 1.2 GB
+            real = (real[0].tensor(), real[1])
         fp_acc = round(top1(fp, evalset[0], evalset[1], device), 2)
         meta = {"fp_top1": {model: fp_acc}, "eval_images": len(evalset[0]), "split": args.split,
                 "threads": args.threads, "device": args.device, "torch": torch.__version__, "quick": args.quick}

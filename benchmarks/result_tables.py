@@ -156,6 +156,21 @@ def dfq_recipe_table(res: dict, recipe: str, methods=DFQ_METHODS) -> str:
     return md_table(["model", "FP", *methods], rows)
 
 
+def dfq_by_recipe_table(res: dict) -> str:
+    """One model's cells, a row per recipe: top-1 (calibration wall time) of each method measured."""
+    cells = res.get("cells", {})
+    fp = res.get("meta", {}).get("fp_top1", {})
+    methods = [m for m in DFQ_METHODS if any(c["method"] == m for c in cells.values())]
+    rows = []
+    for model in dfq_models(res):
+        for recipe in RECIPES:
+            got = [cells.get(f"{model}/{recipe}/{m}") for m in methods]
+            if any(got):
+                rows.append([model, recipe, f"{fp[model]:.2f}" if model in fp else "-"]
+                            + [dfq_cell(c, False) for c in got])
+    return md_table(["model", "recipe", "FP", *methods], rows)
+
+
 def dfq_cpu_table(res: dict, methods=DFQ_METHODS) -> str:
     cpu = res.get("cpu_seconds", {})
     rows = [[model] + [f"{cpu[f'{model}/{m}']['cpu_seconds']:.0f}" if f"{model}/{m}" in cpu else "-"
